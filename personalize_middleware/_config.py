@@ -1,0 +1,153 @@
+"""Connection settings for the MoEngage Personalize API."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._exceptions import ConfigurationError
+
+__all__ = [
+    "DATA_CENTERS",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_DATA_CENTER",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_READ_TIMEOUT",
+    "PersonalizeSettings",
+    "mask_secret",
+]
+
+DATA_CENTERS: tuple[str, ...] = ("01", "02", "03", "04", "05", "06", "101")
+DEFAULT_DATA_CENTER = "01"
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_READ_TIMEOUT = 5.0
+DEFAULT_MAX_CONNECTIONS = 100
+
+_ENV_WORKSPACE_ID = "MOENGAGE_WORKSPACE_ID"
+_ENV_API_SECRET = "MOENGAGE_API_SECRET"  # noqa: S105 - the variable's name, not a secret
+_ENV_DATA_CENTER = "MOENGAGE_DATA_CENTER"
+_ENV_BASE_URL = "MOENGAGE_BASE_URL"
+_ENV_REDIS_URL = "MOENGAGE_REDIS_URL"
+
+_WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+
+
+def mask_secret(secret: str | None) -> str:
+    """What a secret looks like in a repr or a log line: never its characters."""
+    return "<unset>" if not secret else "********"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PersonalizeSettings:
+    """Where and how to reach the MoEngage Personalize API.
+
+    ``data_center`` picks ``https://sdk-{dc}.moengage.com/v1``; ``base_url`` overrides the
+    whole base (tests, proxies, the local stand-in server). Timeouts are in seconds.
+    ``redis_url`` turns on the shared Redis cache and workspace-wide rate limit.
+    """
+
+    workspace_id: str
+    api_secret: str = field(repr=False)
+    data_center: str = DEFAULT_DATA_CENTER
+    base_url: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    redis_url: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workspace_id, str) or not _WORKSPACE_ID_RE.match(
+            self.workspace_id
+        ):
+            raise ConfigurationError(
+                "workspace_id must be the MoEngage workspace id (letters, digits, '_' or '-')",
+                field="workspace_id",
+            )
+        if not isinstance(self.api_secret, str) or not self.api_secret.strip():
+            raise ConfigurationError("api_secret must be a non-empty string", field="api_secret")
+        dc = str(self.data_center).strip()
+        if dc.isdigit() and len(dc) == 1:
+            dc = "0" + dc  # "1" -> "01": a common way to write it
+        if dc not in DATA_CENTERS:
+            raise ConfigurationError(
+                f"data_center must be one of {', '.join(DATA_CENTERS)}, got {self.data_center!r}",
+                field="data_center",
+            )
+        object.__setattr__(self, "data_center", dc)
+        if self.base_url is not None:
+            url = str(self.base_url).strip().rstrip("/")
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ConfigurationError(
+                    f"base_url must be an http(s) URL, got {self.base_url!r}", field="base_url"
+                )
+            object.__setattr__(self, "base_url", url)
+        for name in ("connect_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise ConfigurationError(f"{name} must be a positive number", field=name)
+        if (
+            not isinstance(self.max_connections, int)
+            or isinstance(self.max_connections, bool)
+            or self.max_connections < 1
+        ):
+            raise ConfigurationError(
+                "max_connections must be a positive integer", field="max_connections"
+            )
+        if self.redis_url is not None and not re.match(r"^rediss?://|^unix://", self.redis_url):
+            raise ConfigurationError(
+                "redis_url must start with redis://, rediss:// or unix://", field="redis_url"
+            )
+
+    @property
+    def api_base_url(self) -> str:
+        """The base URL every endpoint path is appended to."""
+        return self.base_url or f"https://sdk-{self.data_center}.moengage.com/v1"
+
+    def __repr__(self) -> str:
+        return (
+            f"PersonalizeSettings(workspace_id={self.workspace_id!r}, "
+            f"api_secret={mask_secret(self.api_secret)!r}, "
+            f"api_base_url={self.api_base_url!r}, "
+            f"connect_timeout={self.connect_timeout!r}, read_timeout={self.read_timeout!r}, "
+            f"redis={'on' if self.redis_url else 'off'})"
+        )
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> PersonalizeSettings:
+        """Read ``MOENGAGE_WORKSPACE_ID``, ``MOENGAGE_API_SECRET``, ``MOENGAGE_DATA_CENTER``,
+        ``MOENGAGE_BASE_URL`` and ``MOENGAGE_REDIS_URL``; keyword overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for env_name, field_name in (
+            (_ENV_WORKSPACE_ID, "workspace_id"),
+            (_ENV_API_SECRET, "api_secret"),
+            (_ENV_DATA_CENTER, "data_center"),
+            (_ENV_BASE_URL, "base_url"),
+            (_ENV_REDIS_URL, "redis_url"),
+        ):
+            raw = env.get(env_name, "").strip()
+            if raw:
+                values[field_name] = raw
+        values.update(overrides)
+        for required, env_name in (
+            ("workspace_id", _ENV_WORKSPACE_ID),
+            ("api_secret", _ENV_API_SECRET),
+        ):
+            if required not in values:
+                raise ConfigurationError(
+                    f"{env_name} is not set (needed for {required})", field=required
+                )
+        return cls(**values)
+
+    @staticmethod
+    def env_has_credentials(environ: Mapping[str, str] | None = None) -> bool:
+        """True when both ``MOENGAGE_WORKSPACE_ID`` and ``MOENGAGE_API_SECRET`` are set."""
+        env = os.environ if environ is None else environ
+        return bool(env.get(_ENV_WORKSPACE_ID, "").strip()) and bool(
+            env.get(_ENV_API_SECRET, "").strip()
+        )
