@@ -59,9 +59,7 @@ class PersonalizeSettings:
     redis_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.workspace_id, str) or not _WORKSPACE_ID_RE.match(
-            self.workspace_id
-        ):
+        if not isinstance(self.workspace_id, str) or not _WORKSPACE_ID_RE.match(self.workspace_id):
             raise ConfigurationError(
                 "workspace_id must be the MoEngage workspace id (letters, digits, '_' or '-')",
                 field="workspace_id",

@@ -159,8 +159,7 @@ class Experience:
                 payload[str(name)] = convert_payload_value(item["value"], str(data_type))
             except (ValueError, TypeError) as exc:
                 logger.warning(
-                    "personalize: experience %r variable %r (%s) did not convert: %s; "
-                    "default used",
+                    "personalize: experience %r variable %r (%s) did not convert: %s; default used",
                     key,
                     name,
                     data_type,

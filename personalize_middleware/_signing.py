@@ -1,0 +1,119 @@
+"""Server-side signing keys: derived, purpose-separated, rotatable.
+
+The keys that sign visitor cookies and tracking tokens are derived from a configured
+``secret_key`` (or, when none is given, from the API secret through HMAC with a fixed
+label, so the API secret itself never signs anything the browser sees). Several secrets
+may be configured for rotation: the first signs, all of them verify.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Sequence
+
+from ._exceptions import ConfigurationError
+
+__all__ = ["Keyring", "b64url_decode", "b64url_encode"]
+
+logger = logging.getLogger("personalize_middleware")
+
+_DERIVE_LABEL = b"personalize-middleware/v1/"
+_SIG_BYTES = 16  # 128-bit truncated HMAC-SHA256: plenty against forgery, short cookies
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode unpadded URL-safe base64; raises ``ValueError`` on anything else."""
+    if not text or len(text) > 16384:
+        raise ValueError("bad base64 length")
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise ValueError("non-ascii base64") from exc
+    try:
+        return base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("bad base64") from exc
+
+
+class Keyring:
+    """Purpose-separated HMAC keys derived from one or more secrets (newest first)."""
+
+    __slots__ = ("_derived", "_keys", "ephemeral")
+
+    def __init__(self, secret_keys: Sequence[str | bytes], *, ephemeral: bool = False) -> None:
+        if not secret_keys:
+            raise ConfigurationError("secret_key must not be empty", field="secret_key")
+        keys: list[bytes] = []
+        for secret in secret_keys:
+            raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+            if len(raw) < 16:
+                raise ConfigurationError(
+                    "secret_key must be at least 16 characters", field="secret_key"
+                )
+            keys.append(raw)
+        self._keys: tuple[bytes, ...] = tuple(keys)
+        self.ephemeral = ephemeral
+        self._derived: dict[tuple[bytes, str], bytes] = {}
+
+    @classmethod
+    def from_config(
+        cls, secret_key: str | Sequence[str] | None, *, api_secret: str | None = None
+    ) -> Keyring:
+        """Build from the middleware's ``secret_key`` option.
+
+        ``None`` derives a key from the API secret (never the secret itself); without
+        either, a random per-process key is used and a warning says what that costs.
+        """
+        if secret_key is not None:
+            keys = [secret_key] if isinstance(secret_key, str) else list(secret_key)
+            return cls(keys)
+        if api_secret:
+            derived = hmac.new(
+                api_secret.encode("utf-8"), _DERIVE_LABEL + b"signing-root", hashlib.sha256
+            ).hexdigest()
+            return cls([derived])
+        logger.warning(
+            "personalize: no secret_key configured; using a random per-process signing key. "
+            "Visitor cookies and tracking tokens will not survive a restart or work across "
+            "several workers. Set secret_key for production."
+        )
+        return cls([secrets.token_hex(32)], ephemeral=True)
+
+    def _derive(self, key: bytes, purpose: str) -> bytes:
+        derived = self._derived.get((key, purpose))
+        if derived is None:
+            label = _DERIVE_LABEL + purpose.encode("ascii")
+            derived = hmac.new(key, label, hashlib.sha256).digest()
+            self._derived[(key, purpose)] = derived
+        return derived
+
+    def sign(self, purpose: str, data: bytes) -> str:
+        """The signature of ``data`` for ``purpose`` with the newest key (base64url)."""
+        return b64url_encode(self._mac(self._keys[0], purpose, data))
+
+    def verify(self, purpose: str, data: bytes, signature: str) -> int | None:
+        """Index of the key that signed ``data`` (0 = newest), or ``None`` if none did."""
+        try:
+            given = b64url_decode(signature)
+        except ValueError:
+            return None
+        if len(given) != _SIG_BYTES:
+            return None
+        for index, key in enumerate(self._keys):
+            if hmac.compare_digest(self._mac(key, purpose, data), given):
+                return index
+        return None
+
+    def _mac(self, key: bytes, purpose: str, data: bytes) -> bytes:
+        return hmac.new(self._derive(key, purpose), data, hashlib.sha256).digest()[:_SIG_BYTES]
+
+    def __repr__(self) -> str:
+        return f"Keyring(keys={len(self._keys)}, ephemeral={self.ephemeral})"

@@ -1,0 +1,399 @@
+"""The per-user experience store.
+
+``ExperienceStore`` keeps what MoEngage answered, per identity and per request context
+(every forwarded attribute that can change the answer), in a bounded in-process
+``cachetools.TTLCache`` (L1). An optional ``SharedLayer`` (Redis, see ``_redis.py``) sits
+behind it as L2 and coordinates processes. Entries are
+
+    fresh                   age < ttl                          served
+    stale-while-revalidate  age < ttl + stale_while_revalidate served, ONE refresh runs
+    stale-if-error          age < ttl + stale_if_error         served only if a fetch fails
+
+Keys with no match are cached as ``None``. Concurrent misses for the same
+(identity, context, key) share one upstream call: each in-flight key has one future,
+resolved (never failed) with the experience, ``None`` or the stale fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cachetools import TTLCache
+
+from ._backend import PersonalizeBackend
+from ._breaker import CircuitBreaker, CircuitOpenError
+from ._exceptions import APIError, PersonalizeError
+from ._logging import RateLimitedLog
+from ._models import Experience, Identity
+
+__all__ = [
+    "DEFAULT_CACHE_MAXSIZE",
+    "DEFAULT_CACHE_TTL",
+    "DEFAULT_STALE_IF_ERROR",
+    "DEFAULT_STALE_WHILE_REVALIDATE",
+    "CachedExperience",
+    "ExperienceStore",
+    "FetchQuery",
+    "SharedLayer",
+    "StoreStats",
+]
+
+logger = logging.getLogger("personalize_middleware.store")
+
+DEFAULT_CACHE_TTL = 60.0
+DEFAULT_STALE_WHILE_REVALIDATE = 300.0
+DEFAULT_STALE_IF_ERROR = 3600.0
+DEFAULT_CACHE_MAXSIZE = 100_000
+DEFAULT_MAX_CONTEXTS_PER_IDENTITY = 8
+
+
+class FetchQuery:
+    """Who is asking and in which context: everything the answer depends on."""
+
+    __slots__ = ("_context_hash", "_identity_hash", "attributes", "context_key", "identity")
+
+    def __init__(self, identity: Identity, attributes: Mapping[str, str]) -> None:
+        self.identity = identity
+        self.attributes = attributes
+        self.context_key: tuple[tuple[str, str], ...] = tuple(sorted(attributes.items()))
+        self._identity_hash: str | None = None
+        self._context_hash: str | None = None
+
+    @property
+    def identity_key(self) -> str:
+        return self.identity.cache_key
+
+    @property
+    def identity_hash(self) -> str:
+        """A digest of the identity (no personal data in shared cache keys)."""
+        if self._identity_hash is None:
+            self._identity_hash = _digest(self.identity.cache_key)
+        return self._identity_hash
+
+    @property
+    def context_hash(self) -> str:
+        if self._context_hash is None:
+            self._context_hash = _digest(json.dumps(self.context_key, separators=(",", ":")))
+        return self._context_hash
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def identity_hash(identity: Identity) -> str:
+    """The digest ``FetchQuery.identity_hash`` uses, for invalidation by identity."""
+    return _digest(identity.cache_key)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedExperience:
+    """One cached answer for one key: the experience, or ``None`` for "no match"."""
+
+    experience: Experience | None
+    fetched_at: float
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters, readable by the app (``middleware.store.stats``)."""
+
+    hits: int = 0
+    stale_hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    upstream_calls: int = 0
+    upstream_failures: int = 0
+    fallbacks: int = 0
+    skipped_calls: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+FetchFn = Callable[[], Awaitable[dict[str, CachedExperience]]]
+
+
+class SharedLayer(Protocol):
+    """A cache and coordination layer shared by processes (L2), e.g. Redis.
+
+    Implementations never raise on their own failures (they degrade and log); ``coordinate``
+    may raise the ``APIError`` of the upstream call or a ``RateLimitedError`` when the
+    shared budget is spent.
+    """
+
+    async def get(self, query: FetchQuery, keys: Collection[str]) -> dict[str, CachedExperience]:
+        """Whatever L2 holds for these keys, at any age."""
+        ...
+
+    async def set(
+        self, query: FetchQuery, entries: Mapping[str, CachedExperience], retention: float
+    ) -> None: ...
+
+    async def invalidate(self, identity: Identity) -> None: ...
+
+    async def coordinate(
+        self, query: FetchQuery, keys: Collection[str], fetch: FetchFn
+    ) -> dict[str, CachedExperience]:
+        """Run ``fetch`` unless another process is already fetching the same thing (then
+        wait for its result in L2), and only within the workspace's rate budget."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+_Contexts = dict[tuple[tuple[str, str], ...], dict[str, CachedExperience]]
+
+
+class ExperienceStore:
+    """Cache, coalesce and fetch experiences; never raises on the request path."""
+
+    def __init__(
+        self,
+        backend: PersonalizeBackend,
+        *,
+        ttl: float = DEFAULT_CACHE_TTL,
+        stale_while_revalidate: float = DEFAULT_STALE_WHILE_REVALIDATE,
+        stale_if_error: float = DEFAULT_STALE_IF_ERROR,
+        maxsize: int = DEFAULT_CACHE_MAXSIZE,
+        max_contexts_per_identity: int = DEFAULT_MAX_CONTEXTS_PER_IDENTITY,
+        shared: SharedLayer | None = None,
+        breaker: CircuitBreaker | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.ttl = float(ttl)
+        self.swr_until = self.ttl + float(stale_while_revalidate)
+        self.sie_until = self.ttl + float(stale_if_error)
+        self.retention = max(self.swr_until, self.sie_until)
+        self.max_contexts = max_contexts_per_identity
+        self.shared = shared
+        self.breaker = breaker or CircuitBreaker()
+        self.clock = clock
+        self.stats = StoreStats()
+        self._l1: TTLCache[str, _Contexts] = TTLCache(maxsize=maxsize, ttl=self.retention)
+        self._inflight: dict[tuple[str, Any, str], asyncio.Future[Experience | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log = RateLimitedLog(logger)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def lookup(
+        self, query: FetchQuery, keys: Iterable[str]
+    ) -> tuple[dict[str, Experience | None], list[str]]:
+        """What L1 can answer now (fresh, or stale with a refresh started) and the keys
+        that need a fetch. Synchronous: the cache-hit path never yields."""
+        found: dict[str, Experience | None] = {}
+        missing: list[str] = []
+        refresh: list[str] = []
+        contexts = self._l1.get(query.identity_key)
+        entries = contexts.get(query.context_key) if contexts is not None else None
+        now = self.clock()
+        for key in keys:
+            entry = entries.get(key) if entries is not None else None
+            if entry is None:
+                missing.append(key)
+                continue
+            age = now - entry.fetched_at
+            if age < self.ttl:
+                found[key] = entry.experience
+            elif age < self.swr_until:
+                found[key] = entry.experience
+                refresh.append(key)
+            else:
+                missing.append(key)
+        stats = self.stats
+        stats.hits += len(found) - len(refresh)
+        stats.stale_hits += len(refresh)
+        stats.misses += len(missing)
+        if refresh:
+            self.start_fetch(query, refresh)
+        return found, missing
+
+    def start_fetch(
+        self, query: FetchQuery, keys: Iterable[str]
+    ) -> dict[str, asyncio.Future[Experience | None]]:
+        """Futures for ``keys``: joined to a fetch in flight, or one new fetch for the rest.
+
+        The fetch runs as its own task: a waiter giving up does not cancel it, and its
+        late answer still fills the cache."""
+        futures: dict[str, asyncio.Future[Experience | None]] = {}
+        to_fetch: list[str] = []
+        ident, ctx = query.identity_key, query.context_key
+        for key in keys:
+            if key in futures:
+                continue
+            future = self._inflight.get((ident, ctx, key))
+            if future is None:
+                to_fetch.append(key)
+            else:
+                self.stats.coalesced += 1
+                futures[key] = future
+        if to_fetch:
+            loop = asyncio.get_running_loop()
+            mine = {key: loop.create_future() for key in to_fetch}
+            for key, future in mine.items():
+                self._inflight[(ident, ctx, key)] = future
+            futures.update(mine)
+            task = loop.create_task(self._run_fetch(query, mine))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return futures
+
+    async def get(
+        self, query: FetchQuery, keys: Iterable[str], *, timeout: float | None = None
+    ) -> dict[str, Experience]:
+        """Experiences for ``keys`` (matched ones only), waiting at most ``timeout``."""
+        found, missing = self.lookup(query, keys)
+        if missing:
+            futures = self.start_fetch(query, missing)
+            done, _ = await asyncio.wait(futures.values(), timeout=timeout)
+            for key, future in futures.items():
+                if future in done:
+                    found[key] = future.result()
+        return {key: exp for key, exp in found.items() if exp is not None}
+
+    # -- fetching ------------------------------------------------------------------------
+
+    async def _run_fetch(
+        self, query: FetchQuery, futures: dict[str, asyncio.Future[Experience | None]]
+    ) -> None:
+        keys = list(futures)
+        entries: dict[str, CachedExperience] = {}
+        try:
+            entries = await self._load(query, keys)
+        except (PersonalizeError, Exception) as exc:  # never let a fetch error escape
+            entries = self._fallback(query, keys, exc)
+        finally:
+            # Also on cancellation (shutdown): waiters get the defaults, never hang.
+            for key, future in futures.items():
+                self._inflight.pop((query.identity_key, query.context_key, key), None)
+                if not future.done():
+                    entry = entries.get(key)
+                    future.set_result(entry.experience if entry is not None else None)
+
+    async def _load(self, query: FetchQuery, keys: list[str]) -> dict[str, CachedExperience]:
+        result: dict[str, CachedExperience] = {}
+        remaining = keys
+        if self.shared is not None:
+            from_l2 = await self.shared.get(query, keys)
+            now = self.clock()
+            if from_l2:
+                self._remember(query, from_l2)  # stale ones still serve as fallback
+            result = {k: e for k, e in from_l2.items() if now - e.fetched_at < self.ttl}
+            remaining = [k for k in keys if k not in result]
+            if not remaining:
+                return result
+        fetched = await self._call_upstream(query, remaining)
+        self._remember(query, fetched)
+        result.update(fetched)
+        if self.shared is not None:
+            await self.shared.set(query, fetched, self.retention)
+        return result
+
+    async def _call_upstream(
+        self, query: FetchQuery, keys: list[str]
+    ) -> dict[str, CachedExperience]:
+        async def fetch() -> dict[str, CachedExperience]:
+            self.breaker.before_call()
+            self.stats.upstream_calls += 1
+            identity = query.identity
+            try:
+                answer = await self.backend.fetch_experiences(
+                    keys,
+                    customer_id=identity.api_customer_id,
+                    user_identifiers=identity.user_identifiers,
+                    attributes=query.attributes,
+                )
+            except APIError as exc:
+                self.breaker.record_failure(exc)
+                raise
+            self.breaker.record_success()
+            now = self.clock()
+            return {key: CachedExperience(answer.get(key), now) for key in keys}
+
+        if self.shared is not None:
+            return await self.shared.coordinate(query, keys, fetch)
+        return await fetch()
+
+    def _fallback(
+        self, query: FetchQuery, keys: list[str], exc: BaseException
+    ) -> dict[str, CachedExperience]:
+        """Stale entries within the stale-if-error window; the rest render defaults."""
+        if isinstance(exc, CircuitOpenError):
+            self.stats.skipped_calls += 1
+            self._log.debug("circuit", "personalize: %s; serving stale or defaults", exc)
+        elif isinstance(exc, APIError):
+            self.stats.upstream_failures += 1
+            self._log.warning(
+                type(exc).__name__,
+                "personalize: fetch failed (%s: %s); serving stale or defaults",
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            self.stats.upstream_failures += 1
+            self._log.exception(
+                "unexpected", "personalize: unexpected error while fetching", exc_info=exc
+            )
+        contexts = self._l1.get(query.identity_key)
+        entries = contexts.get(query.context_key) if contexts is not None else None
+        if not entries:
+            return {}
+        now = self.clock()
+        stale = {
+            k: e
+            for k in keys
+            if (e := entries.get(k)) is not None and now - e.fetched_at < self.sie_until
+        }
+        self.stats.fallbacks += len(stale)
+        return stale
+
+    def _remember(self, query: FetchQuery, entries: Mapping[str, CachedExperience]) -> None:
+        contexts = self._l1.get(query.identity_key)
+        if contexts is None:
+            contexts = {}
+        current = contexts.pop(query.context_key, None) or {}
+        for key, entry in entries.items():
+            old = current.get(key)
+            if old is None or old.fetched_at <= entry.fetched_at:
+                current[key] = entry
+        contexts[query.context_key] = current  # most recently used last
+        while len(contexts) > self.max_contexts:
+            contexts.pop(next(iter(contexts)))
+        self._l1[query.identity_key] = contexts  # re-set: renews the retention timer
+
+    # -- management ----------------------------------------------------------------------
+
+    async def invalidate(self, identity: Identity) -> None:
+        """Forget everything cached for ``identity`` (login, logout, profile change)."""
+        self._l1.pop(identity.cache_key, None)
+        if self.shared is not None:
+            await self.shared.invalidate(identity)
+
+    def __len__(self) -> int:
+        return len(self._l1)
+
+    async def start(self) -> None:
+        if self.shared is not None:
+            await self.shared.start()
+
+    async def aclose(self) -> None:
+        """Let fetches in flight finish briefly (they fill the cache), then stop."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.shared is not None:
+            await self.shared.aclose()
