@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._backend import PersonalizeBackend
+from ._client import PersonalizeClient
 from ._config import PersonalizeSettings
 from ._exceptions import (
     APIError,
@@ -38,6 +39,7 @@ __all__ = [
     "Identity",
     "MalformedResponseError",
     "PersonalizeBackend",
+    "PersonalizeClient",
     "PersonalizeError",
     "PersonalizeSettings",
     "RateLimitedError",

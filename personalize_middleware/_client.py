@@ -1,0 +1,494 @@
+"""The HTTP client for the three MoEngage Personalize endpoints.
+
+One ``PersonalizeClient`` owns one ``httpx.AsyncClient`` (pooled keep-alive connections)
+for its whole life: create it at application start-up, close it at shutdown. Every httpx
+failure and every non-2xx answer is translated into the ``APIError`` tree in one place,
+``_translate_transport_error`` / ``_raise_for_status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import logging
+import math
+import time
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from datetime import UTC
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+
+from ._config import PersonalizeSettings, mask_secret
+from ._exceptions import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    MalformedResponseError,
+    RateLimitedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from ._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
+
+__all__ = [
+    "EVENTS_BATCH_SIZE",
+    "FETCH_BATCH_SIZE",
+    "KEEPALIVE_EXPIRY",
+    "MAX_RETRY_AFTER",
+    "PersonalizeClient",
+    "parse_retry_after",
+]
+
+logger = logging.getLogger("personalize_middleware.client")
+
+#: The API answers only the first 25 keys of a fetch; more are split into several calls.
+FETCH_BATCH_SIZE = 25
+#: The events API takes at most 100 elements (users) a call.
+EVENTS_BATCH_SIZE = 100
+#: Seconds an idle pooled connection is kept; short enough that the far end (or a load
+#: balancer in between) has not silently dropped it yet.
+KEEPALIVE_EXPIRY = 5.0
+#: A Retry-After beyond this is clamped: a bogus "retry in a day" must not park the app.
+MAX_RETRY_AFTER = 300.0
+
+FETCH_ENDPOINT = "POST /experiences/fetch"
+METADATA_ENDPOINT = "GET /experiences/metadata"
+EVENTS_ENDPOINT = "POST /experiences/events"
+
+# Body fields the client itself writes; an in-session attribute may not overwrite them.
+_RESERVED_BODY_FIELDS = frozenset({"identifiers", "experience_key"})
+
+_T = TypeVar("_T")
+
+
+class PersonalizeClient:
+    """Async client for MoEngage Personalize; implements ``PersonalizeBackend``.
+
+    Use it as an async context manager (or call ``aclose()``)::
+
+        async with PersonalizeClient(PersonalizeSettings.from_env()) as client:
+            experiences = await client.fetch_experiences(["homepage-banner"], customer_id="u1")
+
+    ``transport`` replaces the network (``httpx.MockTransport`` in tests); connection
+    limits then belong to that transport. Argument mistakes raise ``ConfigurationError``
+    (a ``ValueError``); everything the API or the network did raises an ``APIError``.
+    """
+
+    def __init__(
+        self,
+        settings: PersonalizeSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not isinstance(settings, PersonalizeSettings):
+            raise ConfigurationError("settings must be a PersonalizeSettings", field="settings")
+        from . import __version__  # here, not at import time: the package imports us
+
+        self._settings = settings
+        base = settings.api_base_url
+        self._fetch_url = base + "/experiences/fetch"
+        self._metadata_url = base + "/experiences/metadata"
+        self._events_url = base + "/experiences/events"
+        token = base64.b64encode(f"{settings.workspace_id}:{settings.api_secret}".encode()).decode(
+            "ascii"
+        )
+        # Kept only to scrub messages: neither ever reaches a log line or an exception.
+        self._redactions = tuple(
+            s for s in (f"Basic {token}", token, settings.api_secret) if len(s) >= 4
+        )
+        self._http = httpx.AsyncClient(
+            headers={
+                "Authorization": f"Basic {token}",
+                "MOE-APPKEY": settings.workspace_id,
+                "User-Agent": f"personalize-middleware/{__version__}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout,
+                read=settings.read_timeout,
+                write=settings.read_timeout,
+                pool=settings.connect_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_connections,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
+            ),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"PersonalizeClient(workspace_id={self._settings.workspace_id!r}, "
+            f"api_secret={mask_secret(self._settings.api_secret)!r}, "
+            f"base_url={self._settings.api_base_url!r}, closed={self._closed})"
+        )
+
+    @property
+    def settings(self) -> PersonalizeSettings:
+        return self._settings
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pooled connections. Safe to call twice."""
+        self._closed = True
+        await self._http.aclose()
+
+    # -- Fetch Experience -----------------------------------------------------------------
+
+    async def fetch_experiences(
+        self,
+        keys: Iterable[str],
+        *,
+        customer_id: str | None = None,
+        user_identifiers: Mapping[str, str] | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> dict[str, Experience]:
+        """Fetch the experiences ``keys`` for one user.
+
+        Duplicate keys are sent once; more than 25 keys go out as concurrent calls of at
+        most 25 whose answers are merged. A key the user does not match is simply absent
+        from the result. No keys: no call, ``{}``. ``attributes`` (in-session attributes
+        such as ``DAY_OF_THE_WEEK`` or ``utm_medium``) become top-level body fields.
+        """
+        unique_keys = _unique_keys(keys)
+        identifiers = _identifiers(customer_id, user_identifiers)
+        extra = _attributes(attributes)
+        if not unique_keys:
+            return {}
+        bodies = [
+            _dump({"identifiers": identifiers, "experience_key": chunk, **extra}, "attributes")
+            for chunk in _chunks(unique_keys, FETCH_BATCH_SIZE)
+        ]
+        if len(bodies) == 1:
+            return await self._fetch_one(bodies[0])
+        merged: dict[str, Experience] = {}
+        for part in await _all_or_first_error([self._fetch_one(b) for b in bodies]):
+            merged.update(part)
+        return merged
+
+    async def _fetch_one(self, body: bytes) -> dict[str, Experience]:
+        data = await self._call(FETCH_ENDPOINT, "POST", self._fetch_url, body)
+        experiences = data.get("experiences") if isinstance(data, dict) else None
+        if not isinstance(experiences, dict):
+            raise MalformedResponseError(
+                f"{FETCH_ENDPOINT}: answer has no 'experiences' object",
+                status_code=200,
+                endpoint=FETCH_ENDPOINT,
+            )
+        result: dict[str, Experience] = {}
+        for key, item in experiences.items():
+            try:
+                result[key] = Experience.from_api(key, item)
+            except ValueError as exc:
+                raise MalformedResponseError(
+                    f"{FETCH_ENDPOINT}: {exc}", status_code=200, endpoint=FETCH_ENDPOINT
+                ) from exc
+        return result
+
+    # -- Fetch Experience Metadata --------------------------------------------------------
+
+    async def fetch_metadata(
+        self, statuses: Iterable[str] | None = None
+    ) -> list[ExperienceMetadata]:
+        """List the workspace's experiences, optionally only those with ``statuses``.
+
+        ``statuses`` are ``Active``, ``Paused``, ``Scheduled`` (case-sensitive: the API
+        answers an empty list to ``active``, so a wrong case is refused here). ``None`` or
+        an empty iterable: every status. A single string may hold comma-separated values.
+        """
+        url = self._metadata_url
+        wanted = _statuses(statuses)
+        if wanted:
+            # Fixed vocabulary, so nothing to escape; the API wants a literal comma.
+            url += "?status=" + ",".join(wanted)
+        data = await self._call(METADATA_ENDPOINT, "GET", url, None)
+        metadata = data.get("metadata") if isinstance(data, dict) else None
+        entries = metadata.get("experiences") if isinstance(metadata, dict) else None
+        if not isinstance(entries, list):
+            raise MalformedResponseError(
+                f"{METADATA_ENDPOINT}: answer has no 'metadata.experiences' list",
+                status_code=200,
+                endpoint=METADATA_ENDPOINT,
+            )
+        try:
+            return [ExperienceMetadata.from_api(entry) for entry in entries]
+        except ValueError as exc:
+            raise MalformedResponseError(
+                f"{METADATA_ENDPOINT}: {exc}", status_code=200, endpoint=METADATA_ENDPOINT
+            ) from exc
+
+    # -- Track Experience Events ----------------------------------------------------------
+
+    async def track_events(self, elements: Sequence[EventElement]) -> None:
+        """Report impressions and clicks, in calls of at most 100 elements.
+
+        The calls go out one after the other: when one fails, the earlier ones were
+        delivered and the later ones were not sent. Sending the whole sequence again is
+        safe, since MoEngage deduplicates on each action's ``moe_event_uuid``; a caller
+        that needs to know which element a 400 was about sends at most 100 at a time.
+        """
+        if isinstance(elements, Mapping | str | bytes):
+            raise ConfigurationError(
+                "elements must be a sequence of event elements", field="elements"
+            )
+        for chunk in _chunks(list(elements), EVENTS_BATCH_SIZE):
+            body = _dump({"elements": chunk}, "elements")
+            data = await self._call(EVENTS_ENDPOINT, "POST", self._events_url, body)
+            if not isinstance(data, dict):
+                raise MalformedResponseError(
+                    f"{EVENTS_ENDPOINT}: answer is not a JSON object",
+                    status_code=200,
+                    endpoint=EVENTS_ENDPOINT,
+                )
+
+    # -- the one boundary with httpx ------------------------------------------------------
+
+    async def _call(self, endpoint: str, method: str, url: str, body: bytes | None) -> Any:
+        if self._closed:
+            raise RuntimeError("PersonalizeClient is closed")
+        started = time.perf_counter()
+        try:
+            response = await self._http.request(method, url, content=body)
+        except httpx.HTTPError as exc:
+            raise self._translate_transport_error(endpoint, exc) from exc
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        logger.debug(
+            "personalize: %s -> HTTP %d in %.1f ms", endpoint, response.status_code, elapsed_ms
+        )
+        if not 200 <= response.status_code < 300:
+            raise self._error_for_status(endpoint, response)
+        return _parse_json(endpoint, response)
+
+    def _translate_transport_error(self, endpoint: str, exc: httpx.HTTPError) -> APIError:
+        detail = self._redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
+        logger.debug("personalize: %s failed: %s", endpoint, detail)
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeoutError(f"{endpoint}: timed out ({detail})", endpoint=endpoint)
+        if isinstance(exc, httpx.DecodingError):
+            return MalformedResponseError(
+                f"{endpoint}: undecodable answer ({detail})", endpoint=endpoint
+            )
+        return UpstreamUnavailableError(f"{endpoint}: unreachable ({detail})", endpoint=endpoint)
+
+    def _error_for_status(self, endpoint: str, response: httpx.Response) -> APIError:
+        status = response.status_code
+        title, description, code = (
+            None if field is None else self._redact(field) for field in _error_fields(response)
+        )
+        summary = f"{endpoint} answered HTTP {status}"
+        if title or description:
+            summary += ": " + " - ".join(p for p in (title, description) if p)
+        message = summary
+        if status in (401, 403):
+            return AuthenticationError(
+                message + " (check the workspace id and the Personalize API secret)",
+                status_code=status,
+                endpoint=endpoint,
+            )
+        if status == 400:
+            return BadRequestError(
+                message,
+                endpoint=endpoint,
+                title=title,
+                description=description,
+                code=code,
+            )
+        if status == 429:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            return RateLimitedError(message, endpoint=endpoint, retry_after=retry_after)
+        if status == 408:
+            return UpstreamTimeoutError(message, status_code=status, endpoint=endpoint)
+        if status >= 500:
+            return UpstreamUnavailableError(message, status_code=status, endpoint=endpoint)
+        return APIError(message, status_code=status, endpoint=endpoint)
+
+    def _redact(self, text: str) -> str:
+        for secret in self._redactions:
+            text = text.replace(secret, "********")
+        return text
+
+
+# -- helpers (pure functions) ---------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP-date).
+
+    ``None`` when absent or unreadable; clamped to ``0..MAX_RETRY_AFTER``.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive one means the same
+            when = when.replace(tzinfo=UTC)
+        current = time.time() if now is None else now
+        seconds = when.timestamp() - current
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _parse_json(endpoint: str, response: httpx.Response) -> Any:
+    content = response.content
+    if not content.strip():
+        raise MalformedResponseError(
+            f"{endpoint}: empty answer (HTTP {response.status_code})",
+            status_code=response.status_code,
+            endpoint=endpoint,
+        )
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError) as exc:
+        content_type = response.headers.get("Content-Type", "unknown")
+        raise MalformedResponseError(
+            f"{endpoint}: answer is not JSON (HTTP {response.status_code}, {content_type})",
+            status_code=response.status_code,
+            endpoint=endpoint,
+        ) from exc
+
+
+def _error_fields(response: httpx.Response) -> tuple[str | None, str | None, str | None]:
+    """The API's ``title`` / ``description`` / ``code``, when the error body has them."""
+    try:
+        data = json.loads(response.content)
+    except (ValueError, RecursionError):
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+
+    def text(name: str) -> str | None:
+        value = data.get(name)
+        return value[:500] if isinstance(value, str) and value else None
+
+    return text("title"), text("description"), text("code")
+
+
+def _unique_keys(keys: Iterable[str]) -> list[str]:
+    if isinstance(keys, str | bytes):
+        raise ConfigurationError(
+            "keys must be an iterable of experience keys, not a single string", field="keys"
+        )
+    unique = list(dict.fromkeys(keys))
+    for key in unique:
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(
+                f"experience keys must be non-empty strings, got {key!r}", field="keys"
+            )
+    return unique
+
+
+def _identifiers(
+    customer_id: str | None, user_identifiers: Mapping[str, str] | None
+) -> dict[str, Any]:
+    identifiers: dict[str, Any] = {}
+    if customer_id is not None:
+        if not isinstance(customer_id, str) or not customer_id:
+            raise ConfigurationError("customer_id must be a non-empty string", field="customer_id")
+        identifiers["customer_id"] = customer_id
+    if user_identifiers:
+        if not isinstance(user_identifiers, Mapping) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in user_identifiers.items()
+        ):
+            raise ConfigurationError(
+                "user_identifiers must map identifier names to strings, e.g. {'u_em': 'a@b.c'}",
+                field="user_identifiers",
+            )
+        # WIRE.md: the spec types this as a string, but the API takes an object.
+        identifiers["user_identifiers"] = dict(user_identifiers)
+    if not identifiers:
+        raise ConfigurationError(
+            "fetch_experiences needs customer_id or user_identifiers", field="customer_id"
+        )
+    return identifiers
+
+
+def _attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not attributes:
+        return {}
+    if not isinstance(attributes, Mapping):
+        raise ConfigurationError("attributes must be a mapping", field="attributes")
+    for name in attributes:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"attribute names must be non-empty strings, got {name!r}", field="attributes"
+            )
+        if name in _RESERVED_BODY_FIELDS:
+            raise ConfigurationError(
+                f"attribute name {name!r} is reserved by the Fetch Experience body",
+                field="attributes",
+            )
+    return dict(attributes)
+
+
+def _statuses(statuses: Iterable[str] | None) -> list[str]:
+    if statuses is None:
+        return []
+    if isinstance(statuses, str):
+        statuses = [s.strip() for s in statuses.split(",") if s.strip()]
+    wanted = list(dict.fromkeys(statuses))
+    for status in wanted:
+        if status not in EXPERIENCE_STATUSES:
+            raise ConfigurationError(
+                f"unknown experience status {status!r}: use "
+                f"{', '.join(EXPERIENCE_STATUSES)} (case-sensitive)",
+                field="statuses",
+            )
+    return wanted
+
+
+def _dump(body: dict[str, Any], field: str) -> bytes:
+    try:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{field} is not JSON-serialisable: {exc}", field=field) from exc
+
+
+def _chunks(items: list[_T], size: int) -> list[list[_T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+async def _all_or_first_error(calls: list[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """Run ``calls`` concurrently; the first failure cancels the rest and is raised as is
+    (not wrapped in an ``ExceptionGroup``, so callers catch ``APIError`` as usual)."""
+    first_error: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except BaseExceptionGroup as failed:
+        first_error = failed.exceptions[0]
+    if first_error is not None:
+        # Raised outside the except block so its own __cause__ (the httpx error) stays.
+        raise first_error
+    return [task.result() for task in tasks]
