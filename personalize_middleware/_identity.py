@@ -1,0 +1,150 @@
+"""Who a request is for: the app's user, the session, or a signed anonymous visitor id."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from http.cookies import SimpleCookie
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from ._models import Identity
+from ._signing import Keyring
+
+__all__ = [
+    "DEFAULT_SESSION_IDENTIFIER_KEYS",
+    "DEFAULT_VISITOR_COOKIE",
+    "IdentityResolver",
+    "VisitorCookie",
+    "call_resolver",
+    "default_identity",
+]
+
+logger = logging.getLogger("personalize_middleware")
+
+DEFAULT_VISITOR_COOKIE = "pm_vid"
+DEFAULT_VISITOR_MAX_AGE = 365 * 24 * 3600
+DEFAULT_SESSION_IDENTIFIER_KEYS: Mapping[str, str] = {"u_em": "email", "u_mb": "mobile"}
+_VISITOR_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
+_MAX_ID_LENGTH = 256
+
+IdentityResolver = Callable[[HTTPConnection], "Identity | Awaitable[Identity | None] | None"]
+
+
+def _clean_id(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    cleaned: str = value.strip()
+    if not cleaned or len(cleaned) > _MAX_ID_LENGTH or not cleaned.isprintable():
+        return None
+    return cleaned
+
+
+def default_identity(conn: HTTPConnection) -> Identity | None:
+    """The default resolver: an authenticated ``request.user`` (its ``identity``, else its
+    ``display_name``), then the session's ``customer_id`` (and ``email`` / ``mobile`` as
+    ``u_em`` / ``u_mb``). ``None`` means anonymous."""
+    scope = conn.scope
+    user = scope.get("user")
+    if user is not None and getattr(user, "is_authenticated", False):
+        try:
+            customer_id = _clean_id(user.identity)
+        except (NotImplementedError, AttributeError):
+            customer_id = _clean_id(getattr(user, "display_name", None))
+        if customer_id:
+            return Identity(customer_id=customer_id)
+    session = scope.get("session")
+    if isinstance(session, Mapping) and session:
+        customer_id = _clean_id(session.get("customer_id"))
+        identifiers = {
+            api_name: cleaned
+            for api_name, session_key in DEFAULT_SESSION_IDENTIFIER_KEYS.items()
+            if (cleaned := _clean_id(session.get(session_key))) is not None
+        }
+        if customer_id or identifiers:
+            return Identity(customer_id=customer_id, user_identifiers=identifiers or None)
+    return None
+
+
+async def call_resolver(resolver: IdentityResolver, conn: HTTPConnection) -> Identity | None:
+    """Run a sync or async resolver; a broken resolver means anonymous, with a log line."""
+    try:
+        result = resolver(conn)
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception:
+        logger.exception("personalize: the identity resolver failed; treating as anonymous")
+        return None
+    if result is not None and not isinstance(result, Identity):
+        logger.error(
+            "personalize: the identity resolver returned %s, not Identity; treating as anonymous",
+            type(result).__name__,
+        )
+        return None
+    if result is not None and result.customer_id is None and not result.user_identifiers:
+        return None
+    return result
+
+
+class VisitorCookie:
+    """The anonymous visitor id: random, in a signed, HttpOnly, SameSite=Lax cookie.
+
+    A cookie whose signature does not verify is ignored (a new id is issued), so one
+    visitor cannot adopt another's id, and thereby their variations, by sending it.
+    """
+
+    __slots__ = ("_keyring", "max_age", "name")
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        name: str = DEFAULT_VISITOR_COOKIE,
+        max_age: int = DEFAULT_VISITOR_MAX_AGE,
+    ) -> None:
+        self._keyring = keyring
+        self.name = name
+        self.max_age = max_age
+
+    def read(self, cookie_header: str | None) -> tuple[str | None, bool]:
+        """(visitor id, needs re-signing) from a Cookie header; ``(None, False)`` when absent
+        or forged."""
+        if not cookie_header or self.name not in cookie_header:
+            return None, False
+        try:
+            cookie = SimpleCookie()
+            cookie.load(cookie_header)
+        except Exception:  # a malformed Cookie header is the client's problem, not a 500
+            return None, False
+        morsel = cookie.get(self.name)
+        if morsel is None:
+            return None, False
+        visitor_id, _, signature = morsel.value.rpartition(".")
+        if not _VISITOR_ID_RE.match(visitor_id):
+            return None, False
+        index = self._keyring.verify("visitor", visitor_id.encode("ascii"), signature)
+        if index is None:
+            return None, False
+        return visitor_id, index > 0
+
+    def new_id(self) -> str:
+        return secrets.token_urlsafe(16)
+
+    def set_cookie_header(self, visitor_id: str, *, secure: bool) -> bytes:
+        value = f"{visitor_id}.{self._keyring.sign('visitor', visitor_id.encode('ascii'))}"
+        parts = [
+            f"{self.name}={value}",
+            "Path=/",
+            f"Max-Age={self.max_age}",
+            "HttpOnly",
+            "SameSite=Lax",
+        ]
+        if secure:
+            parts.append("Secure")
+        return "; ".join(parts).encode("latin-1")
