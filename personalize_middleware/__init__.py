@@ -17,6 +17,9 @@ from ._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from ._handle import Personalization, current_personalization
+from ._identity import IdentityResolver, default_identity
+from ._middleware import PersonalizeMiddleware
 from ._models import (
     EventAction,
     EventElement,
@@ -24,6 +27,7 @@ from ._models import (
     ExperienceMetadata,
     Identity,
 )
+from ._store import ExperienceStore, SharedLayer, StoreStats
 
 __version__ = "0.1.0"
 
@@ -36,14 +40,22 @@ __all__ = [
     "EventElement",
     "Experience",
     "ExperienceMetadata",
+    "ExperienceStore",
     "Identity",
+    "IdentityResolver",
     "MalformedResponseError",
+    "Personalization",
     "PersonalizeBackend",
     "PersonalizeClient",
     "PersonalizeError",
+    "PersonalizeMiddleware",
     "PersonalizeSettings",
     "RateLimitedError",
+    "SharedLayer",
+    "StoreStats",
     "TemplateUsageError",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
+    "current_personalization",
+    "default_identity",
 ]
