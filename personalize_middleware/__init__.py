@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._backend import PersonalizeBackend
 from ._client import PersonalizeClient
 from ._config import PersonalizeSettings
+from ._dependencies import get_personalization, require_experiences
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -58,4 +59,6 @@ __all__ = [
     "UpstreamUnavailableError",
     "current_personalization",
     "default_identity",
+    "get_personalization",
+    "require_experiences",
 ]
