@@ -1,0 +1,190 @@
+"""A MoEngage-compatible HTTP server in front of ``LocalBackend``.
+
+It speaks the exact wire format of the three endpoints under ``/v1`` (so any client, ours
+included, can be pointed at ``http://host:port/v1``): ``MOE-APPKEY`` and Basic auth are
+checked (400 for a missing or unknown workspace, 401 for bad credentials), bodies are
+validated like the API validates them, more than 25 keys silently keeps the first 25,
+more than 100 event elements is a 400, and errors carry ``{"title", "description"}``.
+The local report is served at ``/report/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import secrets
+import string
+from typing import Any, cast
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+
+from .._config import PersonalizeSettings
+from .._exceptions import BadRequestError
+from .._models import EventElement
+from ._backend import LocalBackend
+from ._report import local_report_app
+from ._wire import WireError, error_code, validate_events_body, validate_fetch_body
+
+__all__ = ["MAX_BODY_BYTES", "create_local_server"]
+
+#: Request bodies above this are refused (100 elements of events fit easily).
+MAX_BODY_BYTES = 1024 * 1024
+_ACCEPTED = "Your request has been accepted and will be processed soon."
+
+
+def create_local_server(
+    backend: LocalBackend, *, workspace_id: str, api_secret: str, report: bool = True
+) -> Starlette:
+    """A Starlette app answering Fetch Experience, Fetch Experience Metadata and Track
+    Experience Events like MoEngage does, from ``backend``. Clients use the base URL
+    ``http://host:port/v1`` with these ``workspace_id`` and ``api_secret``."""
+    # Reuse the settings' validation so a bad workspace id fails here, not on every call.
+    PersonalizeSettings(workspace_id=workspace_id, api_secret=api_secret)
+    expected_auth = f"{workspace_id}:{api_secret}".encode()
+
+    def refuse(request: Request) -> Response | None:
+        appkey = request.headers.get("moe-appkey")
+        if not appkey or not hmac.compare_digest(appkey.encode(), workspace_id.encode()):
+            return _error(
+                400,
+                "Request Error",
+                "MoEngage Client not found. Please check values for headers - MOE-APPKEY or "
+                "MOE-DBNAME",
+            )
+        if not hmac.compare_digest(_basic_credentials(request), expected_auth):
+            return _error(
+                401, "Authentication required", "Invalid API_KEY used in Authentication Header"
+            )
+        return None
+
+    async def fetch(request: Request) -> Response:
+        if (refused := refuse(request)) is not None:
+            return refused
+        try:
+            body = validate_fetch_body(await _json_body(request))
+            experiences = backend.evaluate(
+                body.keys,
+                customer_id=body.customer_id,
+                user_identifiers=body.user_identifiers,
+                attributes=body.attributes,
+            )
+        except _Refused as exc:
+            return exc.response
+        except WireError as exc:
+            return _error(400, exc.title, exc.description, code=error_code())
+        except BadRequestError as exc:
+            return _bad_request(exc)
+        return JSONResponse({"experiences": experiences})
+
+    async def metadata(request: Request) -> Response:
+        if (refused := refuse(request)) is not None:
+            return refused
+        raw = request.query_params.get("status")
+        statuses = None if not raw else [s.strip() for s in raw.split(",")]
+        items = backend.metadata(statuses)
+        experiences = [
+            {"experience_name": m.name, "experience_key": m.key, "status": m.status} for m in items
+        ]
+        return JSONResponse({"metadata": {"count": len(experiences), "experiences": experiences}})
+
+    async def events(request: Request) -> Response:
+        if (refused := refuse(request)) is not None:
+            return refused
+        try:
+            elements = validate_events_body(await _json_body(request))
+            await backend.track_events(cast("list[EventElement]", elements))
+        except _Refused as exc:
+            return exc.response
+        except WireError as exc:
+            return _error(400, exc.title, exc.description, code=error_code())
+        except BadRequestError as exc:
+            return _bad_request(exc)
+        return JSONResponse({"status": "success", "message": _ACCEPTED, "req_id": _req_id()})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        titles = {404: "Not Found", 405: "Method Not Allowed"}
+        return _error(
+            status, titles.get(status, "Request Error"), f"{request.method} {request.url.path}"
+        )
+
+    async def to_report(request: Request) -> Response:
+        return RedirectResponse("/report/")
+
+    routes: list[Route | Mount] = [
+        Route("/v1/experiences/fetch", fetch, methods=["POST"]),
+        Route("/v1/experiences/metadata", metadata, methods=["GET"]),
+        Route("/v1/experiences/events", events, methods=["POST"]),
+    ]
+    if report:
+        routes += [Route("/report", to_report), Mount("/report", app=local_report_app(backend))]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+class _Refused(Exception):
+    def __init__(self, response: Response) -> None:
+        super().__init__()
+        self.response = response
+
+
+async def _json_body(request: Request) -> Any:
+    size = 0
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _Refused(
+                _error(
+                    413,
+                    "Payload Too Large",
+                    f"Request bodies are limited to {MAX_BODY_BYTES} bytes",
+                )
+            )
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise _Refused(
+            _error(
+                400,
+                "Malformed JSON",
+                "Could not decode the request body. "
+                "The JSON was incorrect or not encoded as UTF-8.",
+            )
+        ) from None
+
+
+def _basic_credentials(request: Request) -> bytes:
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return b""
+    try:
+        return base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _error(status: int, title: str, description: str, *, code: str | None = None) -> Response:
+    body = {"title": title, "description": description}
+    if code is not None:
+        body["code"] = code
+    return JSONResponse(body, status_code=status)
+
+
+def _bad_request(exc: BadRequestError) -> Response:
+    return _error(
+        400,
+        exc.title or "Invalid Field Value",
+        exc.description or str(exc),
+        code=exc.code or error_code(),
+    )
+
+
+def _req_id() -> str:
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))
