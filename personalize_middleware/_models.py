@@ -54,7 +54,10 @@ def convert_payload_value(value: Any, data_type: str) -> Any:
     if data_type == "number":
         return _to_number(value, allow_int=True)
     if data_type == "float":
-        return float(_to_number(value, allow_int=False))
+        try:
+            return float(_to_number(value, allow_int=False))
+        except OverflowError as exc:  # a JSON integer beyond float range
+            raise _Unconvertible("number out of float range") from exc
     if data_type == "boolean":
         if isinstance(value, bool):
             return value
