@@ -97,10 +97,9 @@ class PersonalizeClient:
         token = base64.b64encode(f"{settings.workspace_id}:{settings.api_secret}".encode()).decode(
             "ascii"
         )
-        # Kept only to scrub messages: neither ever reaches a log line or an exception.
-        self._redactions = tuple(
-            s for s in (f"Basic {token}", token, settings.api_secret) if len(s) >= 4
-        )
+        # Kept only to scrub text that came from outside (error bodies, httpx messages)
+        # before it reaches a log line or an exception.
+        self._redactions = (token, settings.api_secret)
         self._http = httpx.AsyncClient(
             headers={
                 "Authorization": f"Basic {token}",
