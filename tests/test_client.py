@@ -404,7 +404,14 @@ async def test_secret_never_in_logs_or_errors(
 ) -> None:
     caplog.set_level(logging.DEBUG)  # root: httpx, httpcore and ours
     messages: list[str] = []
-    async with PersonalizeClient(_settings(server[1], read_timeout=0.2)) as client:
+
+    async def failing_call(client: PersonalizeClient) -> None:
+        with pytest.raises(APIError) as caught:
+            await client.fetch_metadata()
+        error = caught.value
+        messages.extend([str(error), repr(error), str(vars(error)), str(error.__cause__)])
+
+    async with PersonalizeClient(_settings(server[1])) as client:
         messages.append(repr(client))
         await client.fetch_experiences(["a"], customer_id="u1")
         await client.track_events([_element(1)])
@@ -412,15 +419,18 @@ async def test_secret_never_in_logs_or_errors(
         for fault in (
             _answer(401, json.dumps({"title": f"Basic {TOKEN}", "description": SECRET})),
             _answer(400, json.dumps({"title": SECRET, "description": TOKEN, "code": "c"})),
-            _hang_until_client_leaves,
         ):
             stand_in.fault = fault
-            with pytest.raises(APIError) as caught:
-                await client.fetch_metadata()
-            error = caught.value
-            messages += [str(error), repr(error), str(vars(error)), str(error.__cause__)]
+            await failing_call(client)
+    stand_in.fault = _hang_until_client_leaves
+    async with PersonalizeClient(_settings(server[1], read_timeout=0.2)) as client:
+        await failing_call(client)
+    with refused_url() as url:
+        async with PersonalizeClient(_settings(url)) as client:
+            await failing_call(client)
     loggers = {r.name for r in caplog.records}
     assert {"httpcore.http11", "httpx", "personalize_middleware.client"} <= loggers
+    assert len(messages) == 1 + 4 * 4
     everything = caplog.text + "\n".join(messages)
     assert SECRET not in everything
     assert TOKEN not in everything
