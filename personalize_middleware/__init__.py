@@ -28,6 +28,7 @@ from ._models import (
     ExperienceMetadata,
     Identity,
 )
+from ._redis import RedisSharedLayer
 from ._store import ExperienceStore, SharedLayer, StoreStats
 
 __version__ = "0.1.0"
@@ -52,6 +53,7 @@ __all__ = [
     "PersonalizeMiddleware",
     "PersonalizeSettings",
     "RateLimitedError",
+    "RedisSharedLayer",
     "SharedLayer",
     "StoreStats",
     "TemplateUsageError",
