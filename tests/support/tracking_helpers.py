@@ -1,0 +1,223 @@
+"""Helpers for the tracking tests: experiences, an in-process backend and a MoEngage
+stand-in over real HTTP that validates every call against the spec and records events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from personalize_middleware import EventElement, Experience, ExperienceMetadata
+from tests.support.spec import SpecViolation, validate_request_parts
+
+WORKSPACE_ID = "TESTWORKSPACE01"
+API_SECRET = "stand-in-secret-0123456789"
+
+
+def context_for(key: str, variation: str = "2") -> dict[str, str]:
+    """A spec-valid ``experience_context`` for ``key``."""
+    return {
+        "cid": f"66d55ae445921e4d35ae4368_{key}",
+        "experience": f"Experience {key}",
+        "moe_locale_id": "0",
+        "moe_variation_id": variation,
+        "audience_name": "All Users",
+        "audience_id": "5A",
+        "type": "Web Personalization",
+    }
+
+
+def api_experience(key: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The wire shape of one experience; ``payload`` maps names to values (strings) or to
+    ``(value, data_type)`` pairs."""
+    variables = {}
+    for name, value in payload.items():
+        if isinstance(value, tuple):
+            variables[name] = {"value": value[0], "data_type": value[1]}
+        else:
+            variables[name] = {"value": value, "data_type": "string"}
+    return {"payload": variables, "experience_context": context_for(key)}
+
+
+class StaticBackend:
+    """Answers the configured experiences to everyone; records tracked elements."""
+
+    def __init__(self, experiences: Mapping[str, Mapping[str, Any]]) -> None:
+        self.experiences = {k: api_experience(k, v) for k, v in experiences.items()}
+        self.events: list[EventElement] = []
+        self.fetches: list[list[str]] = []
+
+    async def fetch_experiences(
+        self,
+        keys: Iterable[str],
+        *,
+        customer_id: str | None = None,
+        user_identifiers: Mapping[str, str] | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> dict[str, Experience]:
+        keys = list(keys)
+        self.fetches.append(keys)
+        return {
+            k: Experience.from_api(k, self.experiences[k]) for k in keys if k in self.experiences
+        }
+
+    async def fetch_metadata(
+        self, statuses: Iterable[str] | None = None
+    ) -> list[ExperienceMetadata]:
+        return []
+
+    async def track_events(self, elements: Sequence[EventElement]) -> None:
+        self.events.extend(elements)
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Delay:
+    """A plan's answer: wait ``seconds`` (without blocking the server), then answer ``then``."""
+
+    seconds: float
+    then: Response
+
+
+# A plan decides the answer to one events call: None = record and answer 200.
+Plan = Callable[[int, dict[str, Any]], "Response | Delay | None"]
+
+
+class EventsStandIn:
+    """A MoEngage stand-in (runs on the uvicorn thread; talk to it from the test thread).
+
+    ``fetch`` answers ``experiences``; ``events`` validates the call against the spec,
+    asks ``plan(call_number, body)`` for a non-200 answer, else records the body.
+    ``delivered`` lists every accepted action with its ``customer_id``.
+    """
+
+    def __init__(
+        self,
+        experiences: Mapping[str, Mapping[str, Any]] | None = None,
+        plan: Plan | None = None,
+    ) -> None:
+        self.experiences = {k: api_experience(k, v) for k, v in (experiences or {}).items()}
+        self.plan = plan
+        self._lock = threading.Condition()
+        self.calls: list[tuple[float, dict[str, Any], int]] = []  # (time, body, status)
+        self.accepted_bodies: list[dict[str, Any]] = []
+        self.violations: list[str] = []
+
+    # -- reading (test thread) ---------------------------------------------------------------
+
+    @property
+    def delivered(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {**action, "customer_id": element["customer_id"]}
+                for body in self.accepted_bodies
+                for element in body["elements"]
+                for action in element["actions"]
+            ]
+
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0
+    ) -> bool:
+        """Wait until ``predicate(delivered)`` holds (re-checked on every call)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                if predicate(self.delivered):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+
+    def attempted_uuids(self) -> list[str]:
+        with self._lock:
+            return [
+                action["moe_event_uuid"]
+                for _, body, _ in self.calls
+                for element in body.get("elements", [])
+                for action in element.get("actions", [])
+            ]
+
+    # -- the app -----------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        async def fetch(request: Request) -> Response:
+            body = await request.body()
+            self._validate(request, body)
+            keys = json.loads(body).get("experience_key") or list(self.experiences)
+            found = {k: self.experiences[k] for k in keys if k in self.experiences}
+            return JSONResponse({"experiences": found})
+
+        async def events(request: Request) -> Response:
+            raw = await request.body()
+            self._validate(request, raw)
+            body = json.loads(raw)
+            with self._lock:
+                number = len(self.calls)
+            answer = self.plan(number, body) if self.plan is not None else None
+            if isinstance(answer, Delay):
+                await asyncio.sleep(answer.seconds)
+                answer = answer.then
+            status = 200 if answer is None else answer.status_code
+            with self._lock:
+                self.calls.append((time.monotonic(), body, status))
+                if answer is None:
+                    self.accepted_bodies.append(body)
+                self._lock.notify_all()
+            if answer is not None:
+                return answer
+            return JSONResponse({"status": "success", "message": "accepted", "req_id": "r1"})
+
+        return Starlette(
+            routes=[
+                Route("/v1/experiences/fetch", fetch, methods=["POST"]),
+                Route("/v1/experiences/events", events, methods=["POST"]),
+            ]
+        )
+
+    def _validate(self, request: Request, body: bytes) -> None:
+        try:
+            validate_request_parts(
+                request.method,
+                str(request.url),
+                dict(request.headers),
+                body,
+                workspace_id=WORKSPACE_ID,
+                api_secret=API_SECRET,
+            )
+        except SpecViolation as exc:
+            with self._lock:
+                self.violations.append(str(exc))
+
+
+def error(status: int, headers: Mapping[str, str] | None = None) -> Response:
+    """An API-style error answer."""
+    return JSONResponse(
+        {"title": "Error", "description": f"stand-in answered {status}"},
+        status_code=status,
+        headers=dict(headers or {}),
+    )
