@@ -30,6 +30,7 @@ from ._models import (
 )
 from ._redis import RedisSharedLayer
 from ._store import ExperienceStore, SharedLayer, StoreStats
+from .local import LocalBackend, create_local_server, load_experiences_file
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "ExperienceStore",
     "Identity",
     "IdentityResolver",
+    "LocalBackend",
     "MalformedResponseError",
     "Personalization",
     "PersonalizeBackend",
@@ -59,8 +61,10 @@ __all__ = [
     "TemplateUsageError",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
+    "create_local_server",
     "current_personalization",
     "default_identity",
     "get_personalization",
+    "load_experiences_file",
     "require_experiences",
 ]

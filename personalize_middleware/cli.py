@@ -398,6 +398,8 @@ def _strings(values: Any, where: str) -> list[str]:
 
 
 def _serve_local(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise CommandError(f"--port must be 0..65535, got {args.port}")
     try:
         import uvicorn
     except ImportError:
@@ -412,8 +414,6 @@ def _serve_local(args: argparse.Namespace) -> int:
         else LocalBackend.default(events_log=args.events_log)
     )
     app = create_local_server(backend, workspace_id=args.workspace_id, api_secret=args.api_secret)
-    if not 0 <= args.port <= 65535:
-        raise CommandError(f"--port must be 0..65535, got {args.port}")
     # Bind first, so the printed URL carries the real port (also with --port 0).
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -238,8 +238,9 @@ def parse_experiences(data: Any, *, source: str = "<data>") -> ExperiencesFile:
             if experience.key in experiences:
                 raise FieldError("key", "duplicate experience key")
         except FieldError as exc:
+            field = f"{exc.path}: " if exc.path else ""
             raise ConfigurationError(
-                f"{source}: {where}: {exc.path}: {exc.message}", field=exc.path
+                f"{source}: {where}: {field}{exc.message}", field=exc.path or where
             ) from None
         experiences[experience.key] = experience
     return ExperiencesFile(
@@ -273,7 +274,7 @@ def _parse_users(raw: Any, source: str) -> dict[str, Mapping[str, Any]]:
 
 def _parse_experience(raw: Any) -> ExperienceDefinition:
     if not isinstance(raw, Mapping):
-        raise FieldError("(experience)", "must be a mapping with key, name, status, audiences")
+        raise FieldError("", "must be a mapping with key, name, status, audiences")
     _check_fields(raw, "", _EXPERIENCE_FIELDS)
     key = _required_text(raw, "key", "")
     if key != key.strip() or len(key) > 255:

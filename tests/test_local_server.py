@@ -1,0 +1,426 @@
+"""The MoEngage-compatible local server, over real HTTP on 127.0.0.1, its answers
+validated against the published spec."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from personalize_middleware import (
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    PersonalizeClient,
+    PersonalizeSettings,
+)
+from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
+from personalize_middleware.local import LocalBackend, create_local_server
+from tests.support.http_server import run_asgi_server
+from tests.support.spec import validate_request_parts, validate_response
+
+WORKSPACE = "TESTWORKSPACE1"
+SECRET = "s3cret-for-tests"
+
+
+def auth_headers(workspace: str = WORKSPACE, secret: str = SECRET) -> dict[str, str]:
+    token = base64.b64encode(f"{workspace}:{secret}".encode()).decode()
+    return {"Authorization": f"Basic {token}", "MOE-APPKEY": workspace}
+
+
+def many_keys_backend(count: int = 30) -> LocalBackend:
+    return LocalBackend(
+        {
+            "experiences": [
+                {
+                    "key": f"k{i:02d}",
+                    "name": f"K{i}",
+                    "status": "Active",
+                    "audiences": [
+                        {
+                            "name": "All",
+                            "variations": [
+                                {"payload": {"N": {"value": str(i), "data_type": "number"}}}
+                            ],
+                        }
+                    ],
+                }
+                for i in range(count)
+            ]
+        }
+    )
+
+
+class _Swappable:
+    """One uvicorn for the module (start/stop costs ~0.2 s); each test gets a fresh app."""
+
+    app: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return  # the local server needs no lifespan
+        await self.app(scope, receive, send)
+
+
+class Server:
+    def __init__(self, base: str, backend: LocalBackend, holder: _Swappable) -> None:
+        self.base = base
+        self.api = base + "/v1"
+        self.backend = backend
+        self.http = httpx.Client(timeout=5)
+        self._holder = holder
+
+    def swap(self, app: Any) -> None:
+        self._holder.app = app
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        response = self.http.request(
+            method,
+            self.api + path,
+            json=json,
+            content=content,
+            headers=auth_headers() if headers is None else headers,
+            params=params,
+        )
+        # Every answer of the stand-in must be one the real API could give.
+        validate_response(method, path, response.status_code, response.content)
+        return response
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[tuple[str, _Swappable]]:
+    holder = _Swappable()
+    with run_asgi_server(holder, lifespan="off") as base:
+        yield base, holder
+
+
+@pytest.fixture
+def server(running: tuple[str, _Swappable]) -> Iterator[Server]:
+    base, holder = running
+    backend = LocalBackend.default()
+    holder.app = create_local_server(backend, workspace_id=WORKSPACE, api_secret=SECRET)
+    s = Server(base, backend, holder)
+    try:
+        yield s
+    finally:
+        s.http.close()
+
+
+def fetch_body(**extra: Any) -> dict[str, Any]:
+    return {
+        "identifiers": {"customer_id": "alice"},
+        "experience_key": ["hero-banner", "product-upsell"],
+        **extra,
+    }
+
+
+def test_fetch_answers_the_wire_shape(server: Server) -> None:
+    body = fetch_body(DAY_OF_THE_WEEK="Monday", TIME_OF_THE_DAY="14", USER_AGENT="Mozilla/5.0")
+    validate_request_parts(
+        "POST",
+        server.api + "/experiences/fetch",
+        {**auth_headers(), "Content-Type": "application/json"},
+        httpx.Request("POST", "http://x", json=body).content,
+    )
+    response = server.call("POST", "/experiences/fetch", json=body)
+    assert response.status_code == 200
+    experiences = response.json()["experiences"]
+    assert set(experiences) == {"hero-banner", "product-upsell"}
+    assert experiences["hero-banner"]["experience_context"]["audience_name"] == "Gold members"
+    assert experiences["product-upsell"]["payload"]["badges"]["data_type"] == "json"
+
+
+def test_fetch_no_match_is_an_empty_object(server: Server) -> None:
+    response = server.call(
+        "POST",
+        "/experiences/fetch",
+        json={"identifiers": {"customer_id": "x"}, "experience_key": ["cart-upsell", "nope"]},
+    )
+    assert response.status_code == 200
+    assert response.json() == {"experiences": {}}
+
+
+def test_fetch_in_session_utm_medium(server: Server) -> None:
+    body = {
+        "identifiers": {"customer_id": "user_8821"},
+        "experience_key": ["email-landing-banner"],
+        "utm_medium": "email",
+    }
+    response = server.call("POST", "/experiences/fetch", json=body)
+    assert list(response.json()["experiences"]) == ["email-landing-banner"]
+
+
+def test_fetch_with_more_than_25_keys_answers_only_the_first_25(server: Server) -> None:
+    backend = many_keys_backend(30)
+    server.backend = backend
+    server.swap(create_local_server(backend, workspace_id=WORKSPACE, api_secret=SECRET))
+    keys = [f"k{i:02d}" for i in range(30)]
+    response = server.call(
+        "POST",
+        "/experiences/fetch",
+        json={"identifiers": {"customer_id": "u"}, "experience_key": keys},
+    )
+    assert response.status_code == 200
+    assert sorted(response.json()["experiences"]) == keys[:25]
+
+
+def test_fetch_without_keys_returns_all_active(server: Server) -> None:
+    response = server.call("POST", "/experiences/fetch", json={"identifiers": {"customer_id": "q"}})
+    assert set(response.json()["experiences"]) == {"hero-banner", "sidebar-promo", "product-upsell"}
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"identifiers": {"customer_id": "a"}, "DAY_OF_THE_WEEK": "funday"}, "DAY_OF_THE_WEEK"),
+        ({"identifiers": {"customer_id": "a"}, "TIME_OF_THE_DAY": "24"}, "TIME_OF_THE_DAY"),
+        ({"identifiers": {"customer_id": 5}}, "identifiers.customer_id"),
+        ({"identifiers": "alice"}, "identifiers"),
+        ({"experience_key": "hero-banner"}, "experience_key"),
+        ({"experience_key": [1]}, "experience_key"),
+        ([1, 2], "body"),
+    ],
+)
+def test_fetch_bad_fields_are_400_invalid_field_value(
+    server: Server, body: Any, needle: str
+) -> None:
+    response = server.call("POST", "/experiences/fetch", json=body)
+    assert response.status_code == 400
+    error = response.json()
+    assert error["title"] == "Invalid Field Value"
+    assert error["description"].startswith(needle + " - ")
+    assert len(error["code"]) == 8
+
+
+@pytest.mark.parametrize("path", ["/experiences/fetch", "/experiences/events"])
+@pytest.mark.parametrize("content", [b'{"identifiers":', b"", b"\xff\xfe", b"nope"])
+def test_malformed_json_is_400(server: Server, path: str, content: bytes) -> None:
+    response = server.call(
+        "POST",
+        path,
+        content=content,
+        headers={**auth_headers(), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["title"] == "Malformed JSON"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/experiences/fetch"),
+        ("GET", "/experiences/metadata"),
+        ("POST", "/experiences/events"),
+    ],
+)
+def test_auth_failures(server: Server, method: str, path: str) -> None:
+    body = {"elements": []} if path.endswith("events") else {}
+    wrong_secret = server.call(method, path, json=body, headers=auth_headers(secret="old"))
+    assert wrong_secret.status_code == 401
+    assert wrong_secret.json() == {
+        "title": "Authentication required",
+        "description": "Invalid API_KEY used in Authentication Header",
+    }
+    no_auth = server.call(method, path, json=body, headers={"MOE-APPKEY": WORKSPACE})
+    assert no_auth.status_code == 401
+    garbled = server.call(
+        method, path, json=body, headers={"MOE-APPKEY": WORKSPACE, "Authorization": "Basic %%%"}
+    )
+    assert garbled.status_code == 401
+    unknown_app = server.call(method, path, json=body, headers=auth_headers(workspace="OTHER"))
+    assert unknown_app.status_code == 400
+    assert unknown_app.json()["title"] == "Request Error"
+    assert "MOE-APPKEY" in unknown_app.json()["description"]
+    missing_app = server.call(
+        method, path, json=body, headers={"Authorization": auth_headers()["Authorization"]}
+    )
+    assert missing_app.status_code == 400
+    # A right appkey with another workspace's credentials is still a 401.
+    mixed = {**auth_headers(workspace="OTHER"), "MOE-APPKEY": WORKSPACE}
+    assert server.call(method, path, json=body, headers=mixed).status_code == 401
+
+
+def test_metadata_with_and_without_status(server: Server) -> None:
+    everything = server.call("GET", "/experiences/metadata").json()["metadata"]
+    assert everything["count"] == 6 == len(everything["experiences"])
+    active = server.call("GET", "/experiences/metadata", params={"status": "Active"}).json()
+    assert {e["status"] for e in active["metadata"]["experiences"]} == {"Active"}
+    two = server.call("GET", "/experiences/metadata", params={"status": "Paused,Scheduled"}).json()
+    assert two["metadata"]["count"] == 2
+    lower = server.call("GET", "/experiences/metadata", params={"status": "active"}).json()
+    assert lower == {"metadata": {"count": 0, "experiences": []}}
+
+
+def event_element(
+    context: dict[str, Any], kind: str = ACTION_SHOWN, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "customer_id": "alice",
+        "user_timezone_offset": 19800,
+        "actions": [
+            {
+                "action": kind,
+                "moe_event_uuid": str(uuid.uuid4()),
+                "event_time": 1725258666,
+                "platform": "web",
+                "attributes": {**context, **extra},
+            }
+        ],
+    }
+
+
+def hero_context(server: Server) -> dict[str, Any]:
+    response = server.call("POST", "/experiences/fetch", json=fetch_body())
+    context: dict[str, Any] = response.json()["experiences"]["hero-banner"]["experience_context"]
+    return context
+
+
+def test_events_are_accepted_recorded_and_deduplicated(server: Server) -> None:
+    context = hero_context(server)
+    shown = event_element(context)
+    click = event_element(context, ACTION_CLICKED, b_id="Add to Cart")
+    response = server.call("POST", "/experiences/events", json={"elements": [shown, click]})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["status"] == "success"
+    assert answer["message"]
+    assert len(answer["req_id"]) == 8
+    again = server.call("POST", "/experiences/events", json={"elements": [shown]})
+    assert again.status_code == 200
+    assert [e.action for e in server.backend.events] == [ACTION_SHOWN, ACTION_CLICKED]
+    assert server.backend.events[1].b_id == "Add to Cart"
+    assert server.backend.report().duplicates_ignored == 1
+
+
+def test_events_limit_is_100_elements(server: Server) -> None:
+    context = hero_context(server)
+    over = server.call(
+        "POST", "/experiences/events", json={"elements": [event_element(context)] * 101}
+    )
+    assert over.status_code == 400
+    assert "at most 100" in over.json()["description"]
+    assert server.backend.events == ()
+    ok = server.call(
+        "POST",
+        "/experiences/events",
+        json={"elements": [event_element(context) for _ in range(100)]},
+    )
+    assert ok.status_code == 200
+    assert len(server.backend.events) == 100
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda e: e["actions"][0].update(action="SHOWN"), "elements[0].actions[0].action"),
+        (lambda e: e["actions"][0].update(event_time=1725258666000), "event_time"),
+        (lambda e: e["actions"][0].update(moe_event_uuid="1234"), "moe_event_uuid"),
+        (lambda e: e["actions"][0].update(platform="smartwatch"), "platform"),
+        (lambda e: e["actions"][0]["attributes"].pop("audience_id"), "attributes.audience_id"),
+        (lambda e: e.update(user_timezone_offset=-54001), "user_timezone_offset"),
+        (lambda e: e.pop("customer_id"), "elements[0].customer_id"),
+    ],
+)
+def test_bad_event_fields_are_400(server: Server, mutate: Any, needle: str) -> None:
+    element = event_element(hero_context(server))
+    mutate(element)
+    response = server.call("POST", "/experiences/events", json={"elements": [element]})
+    assert response.status_code == 400
+    assert needle in response.json()["description"]
+    assert response.json()["title"] == "Invalid Field Value"
+
+
+def test_empty_or_missing_elements_is_400(server: Server) -> None:
+    for body in ({"elements": []}, {}, {"elements": {}}):
+        assert server.call("POST", "/experiences/events", json=body).status_code == 400
+
+
+def test_oversized_body_is_refused_without_reading_it_all(server: Server) -> None:
+    response = server.http.post(
+        server.api + "/experiences/events",
+        content=b"[" + b" " * (2 * 1024 * 1024) + b"]",
+        headers=auth_headers(),
+    )
+    assert response.status_code == 413
+    assert response.json()["title"] == "Payload Too Large"
+
+
+def test_unknown_paths_and_methods_answer_json_errors(server: Server) -> None:
+    missing = server.http.get(server.api + "/experiences/nope", headers=auth_headers())
+    assert missing.status_code == 404
+    assert missing.json()["title"] == "Not Found"
+    wrong = server.http.get(server.api + "/experiences/fetch", headers=auth_headers())
+    assert wrong.status_code == 405
+
+
+def test_report_is_served_beside_the_api(server: Server) -> None:
+    redirect = server.http.get(server.base + "/report")
+    assert redirect.status_code in (307, 302)
+    page = server.http.get(server.base + "/report/")
+    assert page.status_code == 200
+    assert "Homepage hero banner" in page.text
+
+
+def test_secret_is_never_in_an_answer(server: Server) -> None:
+    bad = server.call("GET", "/experiences/metadata", headers=auth_headers(secret=SECRET + "x"))
+    assert SECRET not in bad.text
+
+
+def test_bad_workspace_id_is_refused_at_creation() -> None:
+    with pytest.raises(ConfigurationError, match="workspace_id"):
+        create_local_server(LocalBackend.default(), workspace_id="has space", api_secret="x")
+
+
+@pytest.mark.anyio
+async def test_our_client_works_against_the_local_server_over_http() -> None:
+    backend = LocalBackend.default()
+    app = create_local_server(backend, workspace_id=WORKSPACE, api_secret=SECRET)
+    with run_asgi_server(app) as base:
+        settings = PersonalizeSettings(
+            workspace_id=WORKSPACE, api_secret=SECRET, base_url=base + "/v1"
+        )
+        async with PersonalizeClient(settings) as client:
+            direct = await LocalBackend.default().fetch_experiences(
+                ["hero-banner", "product-upsell", "email-landing-banner"],
+                customer_id="bob",
+                attributes={"utm_medium": "email"},
+            )
+            over_http = await client.fetch_experiences(
+                ["hero-banner", "product-upsell", "email-landing-banner"],
+                customer_id="bob",
+                attributes={"utm_medium": "email"},
+            )
+            assert over_http == direct
+            metadata = await client.fetch_metadata(["Active"])
+            assert {m.key for m in metadata} == {
+                "hero-banner",
+                "sidebar-promo",
+                "product-upsell",
+                "email-landing-banner",
+            }
+            context = dict(over_http["hero-banner"].experience_context)
+            await client.track_events([event_element(context)])  # type: ignore[list-item]
+            assert len(backend.events) == 1
+            with pytest.raises(BadRequestError):
+                await client.fetch_experiences(
+                    ["hero-banner"], customer_id="bob", attributes={"DAY_OF_THE_WEEK": "Funday"}
+                )
+        wrong = PersonalizeSettings(
+            workspace_id=WORKSPACE, api_secret="nope", base_url=base + "/v1"
+        )
+        async with PersonalizeClient(wrong) as client:
+            with pytest.raises(AuthenticationError):
+                await client.fetch_metadata()
