@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from os import PathLike
 from typing import Literal
 
-from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -316,20 +315,24 @@ class PersonalizeMiddleware:
     ) -> None:
         if not handle.used and not visitor.set_cookie:
             return
-        headers = MutableHeaders(scope=message)
+        # A plain list rather than MutableHeaders: this runs for every personalized page.
+        headers: list[tuple[bytes, bytes]] = list(message.get("headers", ()))
+        message["headers"] = headers
         if handle.used:
-            cache_control = headers.get("cache-control", "")
-            if "no-store" not in cache_control.lower():
-                headers["cache-control"] = "private, no-store"
-            vary = headers.get("vary", "")
-            if "cookie" not in vary.lower():
-                headers["vary"] = f"{vary}, Cookie" if vary else "Cookie"
+            cache_control = _first_header(headers, b"cache-control")
+            if b"no-store" not in cache_control.lower():
+                _set_header(headers, b"cache-control", b"private, no-store")
+            vary = _first_header(headers, b"vary")
+            if b"cookie" not in vary.lower():
+                _set_header(headers, b"vary", vary + b", Cookie" if vary else b"Cookie")
         if visitor.set_cookie and visitor.visitor_id is not None:
             headers.append(
-                "set-cookie",
-                self.visitor_cookie.set_cookie_header(
-                    visitor.visitor_id, secure=scope.get("scheme") == "https"
-                ).decode("latin-1"),
+                (
+                    b"set-cookie",
+                    self.visitor_cookie.set_cookie_header(
+                        visitor.visitor_id, secure=scope.get("scheme") == "https"
+                    ),
+                )
             )
 
 
@@ -339,6 +342,25 @@ class _VisitorState:
     def __init__(self) -> None:
         self.set_cookie = False
         self.visitor_id: str | None = None
+
+
+def _first_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
+    for key, value in headers:
+        if key == name:
+            return value
+    return b""
+
+
+def _set_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> None:
+    """Set ``name`` to ``value`` in place of its first occurrence, dropping the others
+    (what ``MutableHeaders.__setitem__`` does)."""
+    found = [i for i, (key, _) in enumerate(headers) if key == name]
+    for index in reversed(found[1:]):
+        del headers[index]
+    if found:
+        headers[found[0]] = (name, value)
+    else:
+        headers.append((name, value))
 
 
 def _cookie_header(scope: Scope) -> str | None:
