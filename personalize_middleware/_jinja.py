@@ -268,6 +268,12 @@ class PersonalizeExtension(Extension):
                 f"{describe_token(parser.stream.current)!r}",
                 parser.stream.current.lineno,
             )
+        if parser.stream.current.type != "name":
+            parser.fail(
+                "expected a variable name after 'as', got "
+                f"{describe_token(parser.stream.current)!r}",
+                parser.stream.current.lineno,
+            )
         target = parser.parse_assign_target(name_only=True)
         if parser.stream.current.type != "block_end":
             parser.fail(
