@@ -1,0 +1,138 @@
+"""Tracking wired through PersonalizeMiddleware + setup_templates: the page's tokens are
+accepted from the visitor who got the page, and from nobody else."""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.templating import Jinja2Templates
+from starlette.testclient import TestClient
+
+from personalize_middleware import Identity, PersonalizeMiddleware
+from personalize_middleware._jinja import setup_templates
+from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
+from tests.support.tracking_helpers import StaticBackend, context_for
+
+PAGE = """\
+{% experience "hero" as hero %}<section{{ impression(hero) }}><h1>{{ hero.Title }}</h1>\
+<button{{ track_click(hero, "Add to Cart") }}>Add</button></section>{% endexperience %}\
+{{ personalize_script() }}"""
+
+
+def header_identity(conn: HTTPConnection) -> Identity | None:
+    user = conn.headers.get("x-user")
+    return Identity(customer_id=user) if user else None
+
+
+def make_app(backend: StaticBackend, **options: Any) -> Starlette:
+    templates = Jinja2Templates(
+        env=jinja2.Environment(
+            loader=jinja2.DictLoader({"page.html": PAGE}), autoescape=jinja2.select_autoescape()
+        )
+    )
+    setup_templates(templates)
+
+    async def page(request: Request) -> Response:
+        return templates.TemplateResponse(request, "page.html")
+
+    options.setdefault("routes", {"/": ["hero"]})
+    return Starlette(
+        routes=[Route("/", page)],
+        middleware=[
+            Middleware(
+                PersonalizeMiddleware,
+                backend=backend,
+                identify=header_identity,
+                secret_key="middleware-tracking-secret-0123",
+                metadata_refresh=None,
+                **options,
+            )
+        ],
+    )
+
+
+def hooks(text: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for attr, value in re.findall(r' (data-pz-[a-z]+)="([^"]*)"', text):
+        found.setdefault(attr, []).append(html.unescape(value))
+    return found
+
+
+def post(client: TestClient, tokens: list[str]) -> int:
+    response = client.post(
+        "/_personalize/events",
+        json={"events": tokens},
+        headers={"origin": "http://testserver", "sec-fetch-site": "same-origin"},
+    )
+    return response.status_code
+
+
+def test_anonymous_visitor_page_to_events() -> None:
+    backend = StaticBackend({"hero": {"Title": "Hi"}})
+    with TestClient(make_app(backend)) as client:
+        page = client.get("/")
+        found = hooks(page.text)
+        visitor_cookie = next(iter(client.cookies.values()))
+        assert found["data-pz-endpoint"] == ["/_personalize/events"]
+        tokens = found["data-pz-impression"] + found["data-pz-click"]
+        # Someone else (no cookie: a new anonymous visitor) cannot use this page's tokens.
+        # (No `with`: a second lifespan would shut the shared middleware down.)
+        assert post(TestClient(client.app), tokens) == 403
+        assert post(client, tokens) == 204
+        assert post(client, tokens) == 204  # replay: accepted, forwarded once
+    # Leaving the TestClient ran the lifespan shutdown, which flushed the batcher.
+    (element,) = backend.events
+    assert element["customer_id"] and element["customer_id"] in visitor_cookie
+    actions = [(a["action"], a["attributes"].get("b_id")) for a in element["actions"]]
+    assert actions == [(ACTION_SHOWN, None), (ACTION_CLICKED, "Add to Cart")]
+    assert element["actions"][0]["attributes"] == context_for("hero")
+
+
+def test_logged_in_user_is_reported_by_customer_id() -> None:
+    backend = StaticBackend({"hero": {"Title": "Hi"}})
+    with TestClient(make_app(backend), headers={"x-user": "u-42"}) as client:
+        found = hooks(client.get("/").text)
+        assert "u-42" not in "".join(found["data-pz-impression"])
+        assert post(client, found["data-pz-impression"]) == 204
+        client.headers["x-user"] = "u-43"  # logged in as someone else since
+        assert post(client, found["data-pz-click"]) == 403
+    assert [e["customer_id"] for e in backend.events] == ["u-42"]
+
+
+def test_script_is_served_through_the_middleware() -> None:
+    backend = StaticBackend({"hero": {"Title": "Hi"}})
+    with TestClient(make_app(backend)) as client:
+        page = client.get("/")
+        src = re.search(r'<script defer src="([^"]+)"', page.text)
+        assert src is not None
+        script = client.get(src.group(1))
+        assert script.status_code == 200
+        assert "immutable" in script.headers["cache-control"]
+        assert client.get("/_personalize/nope").status_code == 404
+
+
+def test_server_side_impressions_need_no_script() -> None:
+    backend = StaticBackend({"hero": {"Title": "Hi"}})
+    with TestClient(make_app(backend, impressions="server"), headers={"x-user": "u-7"}) as client:
+        page = client.get("/")
+        found = hooks(page.text)
+        assert "data-pz-impression" not in found and "data-pz-click" in found
+        client.get("/")  # another page view: another impression
+    actions = [a for e in backend.events for a in e["actions"]]
+    assert [a["action"] for a in actions] == [ACTION_SHOWN, ACTION_SHOWN]
+    assert len({a["moe_event_uuid"] for a in actions}) == 2
+
+
+def test_tracking_off_renders_no_hooks() -> None:
+    backend = StaticBackend({"hero": {"Title": "Hi"}})
+    with TestClient(make_app(backend, tracking=False)) as client:
+        page = client.get("/")
+    assert "<h1>Hi</h1>" in page.text and "data-pz" not in page.text and "<script" not in page.text
