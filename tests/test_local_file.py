@@ -377,6 +377,16 @@ def test_duplicate_experience_keys_are_refused(tmp_path: Path) -> None:
     assert "experience 'hero-banner': key: duplicate experience key" in str(error)
 
 
+def test_campaign_ids_must_be_unique_because_events_map_back_through_them(
+    tmp_path: Path,
+) -> None:
+    data = valid_data()
+    data["experiences"][0]["campaign_id"] = "abc123"
+    data["experiences"][1]["campaign_id"] = "abc123"
+    error = load_error(tmp_path, data)
+    assert "experience 'paused-one': campaign_id: used by another experience" in str(error)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -10,6 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
 
 from personalize_middleware import (
     AuthenticationError,
@@ -424,3 +427,57 @@ async def test_our_client_works_against_the_local_server_over_http() -> None:
         async with PersonalizeClient(wrong) as client:
             with pytest.raises(AuthenticationError):
                 await client.fetch_metadata()
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "identifiers",
+                    "customer_id",
+                    "user_identifiers",
+                    "experience_key",
+                    "DAY_OF_THE_WEEK",
+                    "TIME_OF_THE_DAY",
+                    "USER_AGENT",
+                    "elements",
+                    "actions",
+                    "attributes",
+                    "action",
+                    "event_time",
+                    "platform",
+                    "moe_event_uuid",
+                    "user_timezone_offset",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@pytest.fixture(scope="module")
+def in_process() -> Iterator[TestClient]:
+    app = create_local_server(LocalBackend.default(), workspace_id=WORKSPACE, api_secret=SECRET)
+    with TestClient(app) as client:
+        yield client
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_json, path=st.sampled_from(["/v1/experiences/fetch", "/v1/experiences/events"]))
+def test_any_json_body_gets_200_or_400_never_a_500(
+    in_process: TestClient, body: Any, path: str
+) -> None:
+    response = in_process.post(path, json=body, headers=auth_headers())
+    assert response.status_code in (200, 400), response.text
+    validate_response("POST", path, response.status_code, response.content)

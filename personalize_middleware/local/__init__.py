@@ -10,16 +10,8 @@ from __future__ import annotations
 
 from ._backend import DEFAULT_MAX_EVENTS, LocalBackend
 from ._engine import bucket, evaluate
-from ._file import (
-    Audience,
-    ExperienceDefinition,
-    ExperiencesFile,
-    Variation,
-    load_experiences_file,
-    load_sample_file,
-    parse_experiences,
-    sample_file_path,
-)
+from ._file import load_experiences_file, load_sample_file, parse_experiences, sample_file_path
+from ._model import Audience, ExperienceDefinition, ExperiencesFile, Variation
 from ._report import (
     ExperienceReport,
     RecordedEvent,

@@ -18,7 +18,8 @@ from .._client import _attributes, _identifiers, _statuses, _unique_keys
 from .._exceptions import BadRequestError, ConfigurationError
 from .._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
 from ._engine import evaluate
-from ._file import ExperiencesFile, load_experiences_file, load_sample_file, parse_experiences
+from ._file import load_experiences_file, load_sample_file, parse_experiences
+from ._model import ExperiencesFile
 from ._report import RecordedEvent, Report, ReportCounter
 from ._wire import WireError, error_code, validate_elements, validate_session_attributes
 

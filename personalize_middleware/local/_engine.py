@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._file import Audience, ExperienceDefinition, ExperiencesFile, Variation
+from ._model import Audience, ExperienceDefinition, ExperiencesFile, Variation
 from ._rules import MatchContext
 
 __all__ = ["bucket", "evaluate", "identity_for_bucketing"]

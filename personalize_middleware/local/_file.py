@@ -39,7 +39,6 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -47,23 +46,23 @@ from typing import Any
 
 from .._exceptions import ConfigurationError
 from .._models import DATA_TYPES, EXPERIENCE_STATUSES, convert_payload_value
-from ._rules import FieldError, Rule, parse_rules
+from ._model import (
+    EXPERIENCE_TYPE,
+    Audience,
+    ExperienceDefinition,
+    ExperiencesFile,
+    Variation,
+)
+from ._rules import FieldError, parse_rules
 
 __all__ = [
-    "EXPERIENCE_TYPE",
     "SAMPLE_FILE",
-    "Audience",
-    "ExperienceDefinition",
-    "ExperiencesFile",
-    "Variation",
     "load_experiences_file",
     "load_sample_file",
     "parse_experiences",
     "sample_file_path",
 ]
 
-#: The only ``type`` the API documents for an experience context.
-EXPERIENCE_TYPE = "Web Personalization"
 #: The packaged sample file (used by ``LocalBackend.default()`` and the CLI).
 SAMPLE_FILE = "sample_experiences.json"
 
@@ -82,68 +81,6 @@ _VARIATION_FIELDS = ("id", "name", "weight", "payload")
 _PAYLOAD_FIELDS = ("value", "data_type")
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _WEIGHT_TOLERANCE = 1e-6
-
-
-@dataclass(frozen=True, slots=True)
-class Variation:
-    """One variation of an audience: its share of traffic and its payload (wire shape)."""
-
-    id: str
-    name: str
-    weight: float
-    payload: Mapping[str, Mapping[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Audience:
-    """One audience of an experience: who matches and which variations they split into."""
-
-    name: str
-    id: str
-    matches: Rule
-    variations: tuple[Variation, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ExperienceDefinition:
-    """One experience of the file."""
-
-    key: str
-    name: str
-    status: str
-    type: str
-    experience_type: str | None
-    campaign_id: str
-    audiences: tuple[Audience, ...]
-
-    def cid(self, audience: Audience) -> str:
-        """The campaign id MoEngage puts in ``experience_context.cid`` for an audience."""
-        return f"{self.campaign_id}_F_T_WP_AB_{len(audience.variations)}_P_0_AU_{audience.id}"
-
-
-@dataclass(frozen=True, slots=True)
-class ExperiencesFile:
-    """A validated local experiences file."""
-
-    source: str
-    users: Mapping[str, Mapping[str, Any]]
-    experiences: Mapping[str, ExperienceDefinition]
-
-    def find_user(
-        self, customer_id: str | None, user_identifiers: Mapping[str, str] | None
-    ) -> tuple[str, Mapping[str, Any]] | None:
-        """The declared user for an identity: by customer_id, else by any user identifier.
-
-        Mirrors MoEngage's identity resolution: ``user_identifiers`` (``u_em``, ...) are
-        matched against the user attributes of the same name.
-        """
-        if customer_id is not None and customer_id in self.users:
-            return customer_id, self.users[customer_id]
-        for name, value in (user_identifiers or {}).items():
-            for user_id, attributes in self.users.items():
-                if attributes.get(name) == value:
-                    return user_id, attributes
-        return None
 
 
 def load_experiences_file(path: str | os.PathLike[str]) -> ExperiencesFile:
@@ -237,6 +174,9 @@ def parse_experiences(data: Any, *, source: str = "<data>") -> ExperiencesFile:
             experience = _parse_experience(raw)
             if experience.key in experiences:
                 raise FieldError("key", "duplicate experience key")
+            if any(e.campaign_id == experience.campaign_id for e in experiences.values()):
+                # The report maps events back to experiences through the cid.
+                raise FieldError("campaign_id", "used by another experience")
         except FieldError as exc:
             field = f"{exc.path}: " if exc.path else ""
             raise ConfigurationError(

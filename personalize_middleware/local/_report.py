@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._models import ACTION_CLICKED, ACTION_SHOWN
-from ._file import ExperiencesFile
+from ._model import ExperiencesFile
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
