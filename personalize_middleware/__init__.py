@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._backend import PersonalizeBackend
+from ._batcher import BatcherStats, EventBatcher
 from ._client import PersonalizeClient
 from ._config import PersonalizeSettings
 from ._dependencies import get_personalization, require_experiences
@@ -20,6 +21,13 @@ from ._exceptions import (
 )
 from ._handle import Personalization, current_personalization
 from ._identity import IdentityResolver, default_identity
+from ._jinja import (
+    PersonalizedTemplateResponse,
+    PersonalizeExtension,
+    TemplateExperience,
+    setup_jinja,
+    setup_templates,
+)
 from ._middleware import PersonalizeMiddleware
 from ._models import (
     EventAction,
@@ -30,6 +38,7 @@ from ._models import (
 )
 from ._redis import RedisSharedLayer
 from ._store import ExperienceStore, SharedLayer, StoreStats
+from ._tracking import Tracking, TrackingStats
 from .local import LocalBackend, create_local_server, load_experiences_file
 
 __version__ = "0.1.0"
@@ -38,8 +47,10 @@ __all__ = [
     "APIError",
     "AuthenticationError",
     "BadRequestError",
+    "BatcherStats",
     "ConfigurationError",
     "EventAction",
+    "EventBatcher",
     "EventElement",
     "Experience",
     "ExperienceMetadata",
@@ -52,13 +63,18 @@ __all__ = [
     "PersonalizeBackend",
     "PersonalizeClient",
     "PersonalizeError",
+    "PersonalizeExtension",
     "PersonalizeMiddleware",
     "PersonalizeSettings",
+    "PersonalizedTemplateResponse",
     "RateLimitedError",
     "RedisSharedLayer",
     "SharedLayer",
     "StoreStats",
+    "TemplateExperience",
     "TemplateUsageError",
+    "Tracking",
+    "TrackingStats",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "create_local_server",
@@ -67,4 +83,6 @@ __all__ = [
     "get_personalization",
     "load_experiences_file",
     "require_experiences",
+    "setup_jinja",
+    "setup_templates",
 ]
