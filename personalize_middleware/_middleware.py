@@ -282,7 +282,10 @@ class PersonalizeMiddleware:
 
     async def _own_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The tracking endpoint, the script and (in local mode) the report."""
-        if self.report_path is not None and scope["path"] == self.report_path:
+        report = self.report_path
+        if report is not None and (
+            scope["path"] == report or scope["path"].startswith(report + "/")
+        ):
             if self._report_app is None:
                 from .local import local_report_app
 
