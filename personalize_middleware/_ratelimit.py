@@ -11,6 +11,9 @@ API a little later (network, queueing), so arrivals at the far end are spread by
 jitter; the margin absorbs it so the API never sees more than the budget in its own
 rolling window.
 
+The same script notes which processes asked lately; while Redis is unreachable each
+process limits itself to its share of the budget (``LocalShare``), counting its own calls.
+
 A 429's ``Retry-After`` is published as a key with a PX expiry: every process checks it
 before calling and stays quiet until it expires.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,39 +33,45 @@ if TYPE_CHECKING:
 __all__ = [
     "PAUSE_SCRIPT",
     "RATE_LIMIT_SCRIPT",
+    "LocalShare",
     "RateLimitGrant",
     "RedisRateLimiter",
 ]
 
-# KEYS[1] the grants log (sorted set); ARGV: budget, window (microseconds), cost, tag.
-# Returns {allowed (0/1), retry_after_us, now_us}. Atomic: no other command runs between
-# the count and the add, so concurrent callers cannot both take the last slot.
+# KEYS: the grants log (zset), the processes seen (zset). ARGV: budget, window (us), cost,
+# grant tag, process id. Returns {allowed 0/1, retry_after_us, now_us, processes}.
+# Atomic: no other command runs between the count and the add, so two callers can never
+# both take the last slot.
 RATE_LIMIT_SCRIPT = """
-local key = KEYS[1]
 local budget = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local used = redis.call('ZCARD', key)
+local ttl = math.ceil(window / 1000) + 1000
+redis.call('ZADD', KEYS[2], now, ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+redis.call('PEXPIRE', KEYS[2], ttl)
+local processes = redis.call('ZCARD', KEYS[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local used = redis.call('ZCARD', KEYS[1])
 if used + cost > budget then
   local retry = window
   local idx = used + cost - budget - 1
   if idx >= 0 and idx < used then
-    local oldest = redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')
+    local oldest = redis.call('ZRANGE', KEYS[1], idx, idx, 'WITHSCORES')
     retry = tonumber(oldest[2]) + window - now
   end
-  return {0, retry, now}
+  return {0, retry, now, processes}
 end
 for i = 1, cost do
-  redis.call('ZADD', key, now, ARGV[4] .. ':' .. i)
+  redis.call('ZADD', KEYS[1], now, ARGV[4] .. ':' .. i)
 end
-redis.call('PEXPIRE', key, math.ceil(window / 1000) + 1000)
-return {1, 0, now}
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {1, 0, now, processes}
 """
 
-# KEYS[1] the pause key; ARGV[1] milliseconds. Only ever lengthens a pause in force.
+# KEYS: the pause key. ARGV: milliseconds. Only ever lengthens a pause in force.
 PAUSE_SCRIPT = """
 local ms = tonumber(ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ms then
@@ -73,19 +83,20 @@ return redis.call('PTTL', KEYS[1])
 
 @dataclass(frozen=True, slots=True)
 class RateLimitGrant:
-    """One answer of the limiter. ``server_time`` is the Redis clock, in seconds."""
+    """One answer of the limiter. ``server_time`` is the Redis clock, in seconds;
+    ``processes`` how many processes asked within the window (this one included)."""
 
     allowed: bool
     retry_after: float
     server_time: float
+    processes: int = 1
 
 
 class RedisRateLimiter:
     """``budget`` calls per ``window`` seconds for everyone sharing ``key`` (``None``:
     no limit; the pause still works).
 
-    Redis errors propagate: the caller decides how to degrade (``RedisSharedLayer`` calls
-    through when Redis is unreachable; the API's own 429 is then the last line).
+    Redis errors propagate: the caller decides how to degrade.
     """
 
     def __init__(
@@ -97,6 +108,7 @@ class RedisRateLimiter:
         budget: int | None,
         window: float = 60.0,
         margin: float | None = None,
+        processes_key: str | None = None,
     ) -> None:
         if budget is not None and (
             not isinstance(budget, int) or isinstance(budget, bool) or budget < 1
@@ -106,10 +118,12 @@ class RedisRateLimiter:
             raise ValueError("window must be positive")
         self.key = key
         self.pause_key = pause_key
+        self.processes_key = processes_key or key + ":procs"
         self.budget = budget
         self.window = float(window)
         self.margin = self.window / 30 if margin is None else max(0.0, float(margin))
         self._window_us = round((self.window + self.margin) * 1_000_000)
+        self._process_id = secrets.token_hex(8)
         self._limit = client.register_script(RATE_LIMIT_SCRIPT)
         self._pause = client.register_script(PAUSE_SCRIPT)
 
@@ -118,15 +132,20 @@ class RedisRateLimiter:
         if self.budget is None:
             return RateLimitGrant(allowed=True, retry_after=0.0, server_time=time.time())
         cost = min(max(int(cost), 1), self.budget)
-        tag = secrets.token_hex(6)
-        reply: Any = await self._limit(
-            keys=[self.key], args=[self.budget, self._window_us, cost, tag]
-        )
-        allowed, retry_us, now_us = (int(x) for x in reply)
+        args: list[int | str] = [
+            self.budget,
+            self._window_us,
+            cost,
+            secrets.token_hex(6),
+            self._process_id,
+        ]
+        reply: Any = await self._limit(keys=[self.key, self.processes_key], args=args)
+        allowed, retry_us, now_us, processes = (int(x) for x in reply)
         return RateLimitGrant(
             allowed=allowed == 1,
             retry_after=max(retry_us, 0) / 1_000_000,
             server_time=now_us / 1_000_000,
+            processes=max(processes, 1),
         )
 
     async def pause(self, seconds: float) -> float:
@@ -135,3 +154,44 @@ class RedisRateLimiter:
         ms = max(1, math.ceil(seconds * 1000))
         remaining: Any = await self._pause(keys=[self.pause_key], args=[ms])
         return max(int(remaining), 0) / 1000
+
+
+class LocalShare:
+    """This process's own calls over the last ``window`` seconds, and whether one more fits
+    in its share of the budget (``budget // processes``) while Redis cannot be asked."""
+
+    __slots__ = ("_calls", "budget", "processes", "window")
+
+    def __init__(self, budget: int, window: float) -> None:
+        self.budget = budget
+        self.window = window
+        self.processes = 1
+        self._calls: deque[float] = deque()
+
+    @property
+    def share(self) -> int:
+        return max(1, self.budget // max(1, self.processes))
+
+    def _trim(self, now: float) -> None:
+        calls = self._calls
+        while calls and calls[0] <= now - self.window:
+            calls.popleft()
+
+    def record(self, cost: int) -> None:
+        now = time.monotonic()
+        self._trim(now)
+        self._calls.extend([now] * cost)
+        while len(self._calls) > self.budget:  # bounded: older ones no longer matter
+            self._calls.popleft()
+
+    def try_take(self, cost: int) -> float:
+        """Take ``cost`` from the share and return 0, or return seconds until it fits."""
+        now = time.monotonic()
+        self._trim(now)
+        over = len(self._calls) + cost - self.share
+        if over <= 0:
+            self._calls.extend([now] * cost)
+            return 0.0
+        if over > len(self._calls):
+            return self.window
+        return self._calls[over - 1] + self.window - now

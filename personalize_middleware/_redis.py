@@ -1,26 +1,16 @@
 """Redis behind the in-process cache: a shared L2, cross-process single-flight, one budget.
 
-``RedisSharedLayer`` implements the store's ``SharedLayer``. Key layout (``{ws}`` is the
-workspace id in literal braces: a Redis Cluster hash tag, so a workspace's keys share one
-slot and every Lua script touches a single slot)::
+``RedisSharedLayer`` implements the store's ``SharedLayer``; what it keeps in Redis (keys,
+values, Lua scripts) is described in ``_redis_codec.py``, the budget in ``_ratelimit.py``.
 
-    pm:v1:{ws}:u:<identity digest>   hash    field "<context digest>:<experience key>" ->
-                                             JSON {"t": fetched_at, "x": wire shape | null};
-                                             expires after the store's retention;
-                                             invalidate() is one DEL
-    pm:v1:{ws}:l:<identity>:<context>:<keys digest>
-                                     string  the fetch lease: the holder's token (PX, renewed
-                                             while it fetches), then "done:ok" / "done:err"
-                                             for a moment so latecomers read the outcome
-    pm:v1:{ws}:rl                    zset    the rate limiter's grants (``_ratelimit.py``)
-    pm:v1:{ws}:pause                 string  a 429's Retry-After, as a PX expiry
+Every Redis call has a short timeout. Redis failing is one of two things:
 
-No raw identity is ever part of a key (digests only); values are JSON (never pickle),
-bounded in size and validated when read back, so a foreign or corrupt value is a miss.
-
-Every Redis call has a short timeout. When Redis fails the layer behaves as if it were
-absent (``get`` finds nothing, ``set`` does nothing, ``coordinate`` calls straight
-through) for a short backoff, logs one line per interval, then tries again by itself.
+- a stall (timeouts for less than ``stall_tolerance``, 1 s): that one operation acts as a
+  miss, and a fetch whose budget could not be checked is not made (stale or defaults);
+- an outage (connection refused or reset, or timeouts that last): the layer behaves as if
+  absent (``get`` finds nothing, ``set`` does nothing, ``coordinate`` calls through,
+  within this process's share of the budget) for a short backoff, logs one line per
+  interval, then tries Redis again by itself.
 """
 
 from __future__ import annotations
@@ -29,7 +19,6 @@ import asyncio
 import contextlib
 import hashlib
 import importlib
-import json
 import logging
 import math
 import re
@@ -45,8 +34,20 @@ from ._client import FETCH_BATCH_SIZE
 from ._config import PersonalizeSettings
 from ._exceptions import APIError, ConfigurationError, RateLimitedError
 from ._logging import RateLimitedLog
-from ._models import Experience, Identity
-from ._ratelimit import RedisRateLimiter
+from ._models import Identity
+from ._ratelimit import LocalShare, RedisRateLimiter
+from ._redis_codec import (
+    CLAIM_SCRIPT,
+    DONE,
+    FAILED,
+    FORMAT_VERSION,
+    RELEASE,
+    RELEASE_SCRIPT,
+    RENEW_SCRIPT,
+    SET_SCRIPT,
+    decode_entry,
+    encode_entry,
+)
 from ._store import (
     DEFAULT_CACHE_TTL,
     DEFAULT_STALE_IF_ERROR,
@@ -62,7 +63,7 @@ __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "DEFAULT_OP_TIMEOUT",
     "DEFAULT_RATE_LIMIT_PER_MINUTE",
-    "FORMAT_VERSION",
+    "DEFAULT_STALL_TOLERANCE",
     "RedisSharedLayer",
     "RedisStats",
 ]
@@ -76,81 +77,16 @@ DEFAULT_MAX_WAIT = 10.0
 DEFAULT_MAX_VALUE_BYTES = 64 * 1024
 DEFAULT_MAX_FIELDS_PER_IDENTITY = 256
 DEFAULT_OP_TIMEOUT = 0.1
-#: Part of every key: a new value format gets new keys instead of misreading old ones.
-FORMAT_VERSION = "v1"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 _POLL_DELAYS = (0.005, 0.01, 0.02, 0.03, 0.05)  # then every 50 ms
 _RETRY_BACKOFF_MIN, _RETRY_BACKOFF_MAX = 0.25, 2.0
-_MAX_CLOCK_SKEW = 60.0  # a value "fetched" further in the future than this is foreign
+#: Timeouts for less than this are a stall (skip the operation); longer, an outage.
+DEFAULT_STALL_TOLERANCE = 1.0
 _DEFAULT_429_PAUSE = 1.0
 _PENDING_INVALIDATIONS = 10_000
-_DONE, _FAILED, _RELEASE = "done:ok", "done:err", ""
 
 _T = TypeVar("_T")
-
-# KEYS: lease, pause, data. ARGV: token, lease ms, fields... One round trip tells a caller
-# whether fetching is paused, hands it the lease, or tells it what the holder achieved.
-_CLAIM_SCRIPT = """
-local paused = redis.call('PTTL', KEYS[2])
-if paused > 0 then return {'paused', paused} end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'acquired', 0} end
-local state = redis.call('GET', KEYS[1])
-if state == 'done:ok' then
-  return {'done:ok', 0, redis.call('HMGET', KEYS[3], unpack(ARGV, 3))}
-end
-if state == 'done:err' then return {'done:err', 0} end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -1 then  -- not ours (no expiry): take it over rather than wait forever
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {'acquired', 0}
-end
-return {'held', ttl}
-"""
-
-# KEYS: lease. ARGV: token, outcome ('' deletes), outcome ms. Only the holder may release.
-_RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1])
-else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-return 1
-"""
-
-_RENEW_SCRIPT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"""
-
-# KEYS: data hash. ARGV: retention ms, max fields, then (field, fetched_at, value)...
-# Never replaces a newer entry with an older one; keeps the newest max-fields fields.
-_SET_SCRIPT = """
-local key = KEYS[1]
-local kind = redis.call('TYPE', key)['ok']
-if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
-local function stamp(v)
-  if not v then return nil end
-  return tonumber(string.match(v, '^{"t":(-?[%d%.eE+-]+)'))
-end
-local written = 0
-for i = 3, #ARGV, 3 do
-  local old = stamp(redis.call('HGET', key, ARGV[i]))
-  if not (old and old > tonumber(ARGV[i + 1])) then
-    redis.call('HSET', key, ARGV[i], ARGV[i + 2])
-    written = written + 1
-  end
-end
-local n = redis.call('HLEN', key)
-local max_fields = tonumber(ARGV[2])
-if n > max_fields then
-  local all = redis.call('HGETALL', key)
-  local items = {}
-  for j = 1, #all, 2 do table.insert(items, {all[j], stamp(all[j + 1]) or 0}) end
-  table.sort(items, function(a, b) return a[2] < b[2] end)
-  for j = 1, n - max_fields do redis.call('HDEL', key, items[j][1]) end
-end
-if n > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
-return written
-"""
 
 
 @dataclass(slots=True)
@@ -170,6 +106,7 @@ class RedisStats:
     lease_takeovers: int = 0
     lease_timeouts: int = 0
     rate_limited: int = 0
+    budget_unchecked: int = 0
     paused: int = 0
     degraded: int = 0
 
@@ -178,7 +115,11 @@ class RedisStats:
 
 
 class _Unavailable(Exception):
-    """Redis cannot be used for this operation (down, slow, backing off, or refused)."""
+    """Redis cannot be used for this operation; ``down``: an outage, not a stall."""
+
+    def __init__(self, down: bool) -> None:
+        super().__init__("Redis unavailable")
+        self.down = down
 
 
 class _StoredEntries(dict[str, CachedExperience]):
@@ -215,13 +156,23 @@ def _positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer", field=name)
+    return value
+
+
 class RedisSharedLayer:
     """A Redis-backed ``SharedLayer``: shared cache, single-flight and rate budget.
 
     ``rate_limit_per_minute`` is the budget per ``rate_limit_window`` seconds (60 unless
     changed) for every process using this workspace; ``None`` turns the limiter off.
-    ``lease_ttl`` bounds how long others wait for a holder that died; ``op_timeout``
-    bounds every Redis call. Build it from settings with ``from_settings``.
+    ``rate_limit_margin`` (default window / 30) widens the counted window to absorb
+    network jitter. ``lease_ttl`` bounds how long others wait for a holder that died,
+    ``max_wait`` how long they wait for a live one. ``op_timeout`` bounds every Redis
+    call; timeouts lasting less than ``stall_tolerance`` are a stall (the fetch is
+    skipped rather than made without checking the budget), longer ones an outage. Build it
+    from settings with ``from_settings``.
     """
 
     def __init__(
@@ -238,6 +189,7 @@ class RedisSharedLayer:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         max_fields_per_identity: int = DEFAULT_MAX_FIELDS_PER_IDENTITY,
         op_timeout: float = DEFAULT_OP_TIMEOUT,
+        stall_tolerance: float = DEFAULT_STALL_TOLERANCE,
         retention: float | None = None,
     ) -> None:
         if not isinstance(url, str) or not re.match(r"^(rediss?|unix)://", url):
@@ -249,32 +201,31 @@ class RedisSharedLayer:
                 raise ConfigurationError(
                     f"{name} must be 1-128 letters, digits, '_' or '-'", field=name
                 )
-        budget = rate_limit_per_minute
-        if budget is not None and (
-            isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+        if rate_limit_per_minute is not None:
+            _positive_int("rate_limit_per_minute", rate_limit_per_minute)
+        if rate_limit_margin is not None and (
+            isinstance(rate_limit_margin, bool)
+            or not isinstance(rate_limit_margin, int | float)
+            or rate_limit_margin < 0
         ):
             raise ConfigurationError(
-                "rate_limit_per_minute must be a positive integer or None",
-                field="rate_limit_per_minute",
+                "rate_limit_margin must be a number >= 0", field="rate_limit_margin"
             )
-        for name, number in (
-            ("max_value_bytes", max_value_bytes),
-            ("max_fields_per_identity", max_fields_per_identity),
-        ):
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise ConfigurationError(f"{name} must be a positive integer", field=name)
         self._redis = _import_redis()  # fail at configuration time, not on a request
         self._url = url
         self.workspace_id = workspace_id
         self.prefix = f"{namespace}:{FORMAT_VERSION}:{{{workspace_id}}}:"
-        self.rate_limit_per_minute = budget
+        self.rate_limit_per_minute = rate_limit_per_minute
         self.rate_limit_window = _positive("rate_limit_window", rate_limit_window)
-        self.rate_limit_margin = rate_limit_margin
+        self.rate_limit_margin = (
+            self.rate_limit_window / 30 if rate_limit_margin is None else float(rate_limit_margin)
+        )
         self.lease_ttl = _positive("lease_ttl", lease_ttl)
         self.max_wait = _positive("max_wait", max_wait)
-        self.max_value_bytes = max_value_bytes
-        self.max_fields = max_fields_per_identity
+        self.max_value_bytes = _positive_int("max_value_bytes", max_value_bytes)
+        self.max_fields = _positive_int("max_fields_per_identity", max_fields_per_identity)
         self.op_timeout = _positive("op_timeout", op_timeout)
+        self.stall_tolerance = _positive("stall_tolerance", stall_tolerance)
         self._retention = (
             _positive("retention", retention)
             if retention is not None
@@ -284,14 +235,24 @@ class RedisSharedLayer:
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
         self._limiter: RedisRateLimiter | None = None
+        self._share = (
+            LocalShare(rate_limit_per_minute, self.rate_limit_window + self.rate_limit_margin)
+            if rate_limit_per_minute is not None
+            else None
+        )
         self._errors: tuple[type[BaseException], ...] = (
             self._redis.RedisError,
             OSError,
             TimeoutError,
         )
+        self._timeouts: tuple[type[BaseException], ...] = (
+            self._redis.TimeoutError,
+            TimeoutError,
+        )
         self._refusals: tuple[type[BaseException], ...] = (self._redis.ResponseError,)
-        self._failures = 0
-        self._retry_at = 0.0
+        self._failures = 0  # outages in a row: the backoff grows with them
+        self._retry_at = 0.0  # no Redis call before this (monotonic)
+        self._failing_since: float | None = None  # first failure since the last success
         self._paused_until = 0.0
         self._limited_until = 0.0
         self._pending_invalidations: deque[str] = deque(maxlen=_PENDING_INVALIDATIONS)
@@ -308,19 +269,24 @@ class RedisSharedLayer:
 
     def __repr__(self) -> str:
         budget = self.rate_limit_per_minute
+        limit = "off" if budget is None else f"{budget}/{self.rate_limit_window:g}s"
         return (
             f"RedisSharedLayer(url={_mask_url(self._url)!r}, "
-            f"workspace_id={self.workspace_id!r}, "
-            f"rate_limit={'off' if budget is None else f'{budget}/{self.rate_limit_window:g}s'}, "
+            f"workspace_id={self.workspace_id!r}, rate_limit={limit}, "
             f"state={'degraded' if self._failures else 'ok'})"
         )
 
     @property
     def is_degraded(self) -> bool:
-        """True while the last Redis call failed (the layer then acts as if absent)."""
+        """True during an outage (the layer then acts as if absent)."""
         return self._failures > 0
 
-    # -- keys and values -----------------------------------------------------------------
+    @property
+    def retry_in(self) -> float:
+        """Seconds until Redis is tried again after an outage (0: it is tried now)."""
+        return max(0.0, self._retry_at - time.monotonic())
+
+    # -- keys ----------------------------------------------------------------------------
 
     def data_key(self, identity_digest: str) -> str:
         return f"{self.prefix}u:{identity_digest}"
@@ -341,44 +307,6 @@ class RedisSharedLayer:
     def _field(query: FetchQuery, key: str) -> str:
         return f"{query.context_hash}:{key}"
 
-    def _encode(self, entry: CachedExperience) -> bytes | None:
-        wire = entry.experience.to_api() if entry.experience is not None else None
-        try:
-            text = json.dumps(
-                {"t": float(entry.fetched_at), "x": wire},
-                separators=(",", ":"),
-                ensure_ascii=False,
-                allow_nan=False,
-            )
-        except (TypeError, ValueError):
-            return None
-        data = text.encode("utf-8")
-        return data if len(data) <= self.max_value_bytes else None
-
-    def _decode(self, key: str, raw: Any, now: float) -> CachedExperience | None:
-        if not isinstance(raw, bytes | str) or len(raw) > self.max_value_bytes:
-            return None
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(data, dict) or "x" not in data:
-            return None
-        stamp, wire = data.get("t"), data["x"]
-        if isinstance(stamp, bool) or not isinstance(stamp, int | float):
-            return None
-        if not math.isfinite(stamp) or stamp > now + _MAX_CLOCK_SKEW:
-            return None
-        fetched_at = min(float(stamp), now)
-        if wire is None:
-            return CachedExperience(None, fetched_at)
-        if not isinstance(wire, dict):
-            return None
-        try:
-            return CachedExperience(Experience.from_api(key, wire), fetched_at)
-        except (ValueError, TypeError):
-            return None
-
     def _decode_many(self, keys: list[str], values: Any) -> dict[str, CachedExperience]:
         found: dict[str, CachedExperience] = {}
         if not isinstance(values, list) or len(values) != len(keys):
@@ -387,7 +315,7 @@ class RedisSharedLayer:
         for key, raw in zip(keys, values, strict=True):
             if raw is None:
                 continue
-            entry = self._decode(key, raw, now)
+            entry = decode_entry(key, raw, now, self.max_value_bytes)
             if entry is None:
                 self.stats.l2_malformed += 1
             else:
@@ -400,7 +328,7 @@ class RedisSharedLayer:
 
     def _usable_client(self) -> Any:
         if self._closed or time.monotonic() < self._retry_at:
-            raise _Unavailable
+            raise _Unavailable(down=True)
         if self._client is None:
             self._client = self._connect()
         return self._client
@@ -418,10 +346,10 @@ class RedisSharedLayer:
         self._scripts = {
             name: client.register_script(text)
             for name, text in (
-                ("claim", _CLAIM_SCRIPT),
-                ("release", _RELEASE_SCRIPT),
-                ("renew", _RENEW_SCRIPT),
-                ("set", _SET_SCRIPT),
+                ("claim", CLAIM_SCRIPT),
+                ("release", RELEASE_SCRIPT),
+                ("renew", RENEW_SCRIPT),
+                ("set", SET_SCRIPT),
             )
         }
         self._limiter = RedisRateLimiter(
@@ -445,19 +373,27 @@ class RedisSharedLayer:
             # outage, so no backoff; this one operation acts as a miss.
             self.stats.l2_errors += 1
             self._log.warning("refused-" + what, "personalize: Redis refused %s: %s", what, exc)
-            raise _Unavailable from exc
+            raise _Unavailable(down=False) from exc
         except self._errors as exc:
-            self._failed(what, exc)
-            raise _Unavailable from exc
+            raise _Unavailable(down=self._failed(what, exc)) from exc
+        self._failing_since = None
         if self._failures:
             self._recovered()
         return result
 
-    def _failed(self, what: str, exc: BaseException) -> None:
+    def _failed(self, what: str, exc: BaseException) -> bool:
+        """Count a failure; True when it is (part of) an outage, False for a stall."""
         self.stats.l2_errors += 1
         now = time.monotonic()
         if now < self._retry_at:
-            return  # a call already in flight when Redis went away: same outage
+            return True  # a call already in flight when the outage began
+        if self._failing_since is None:
+            self._failing_since = now
+        if isinstance(exc, self._timeouts) and now - self._failing_since < self.stall_tolerance:
+            self._log.warning(
+                "stall", "personalize: Redis did not answer %s in time; skipped", what
+            )
+            return False
         self._failures += 1
         backoff = min(_RETRY_BACKOFF_MIN * 2 ** (self._failures - 1), _RETRY_BACKOFF_MAX)
         self._retry_at = now + backoff
@@ -470,6 +406,7 @@ class RedisSharedLayer:
             exc,
             backoff,
         )
+        return True
 
     def _recovered(self) -> None:
         logger.info("personalize: Redis reachable again; shared cache resumed")
@@ -538,7 +475,7 @@ class RedisSharedLayer:
     ) -> bool:
         args: list[Any] = [max(1, math.ceil(retention * 1000)), self.max_fields]
         for key, entry in entries.items():
-            value = self._encode(entry)
+            value = encode_entry(entry, self.max_value_bytes)
             if value is None:
                 self.stats.l2_oversize += 1
                 self._log.warning(
@@ -562,7 +499,7 @@ class RedisSharedLayer:
         return True
 
     async def invalidate(self, identity: Identity) -> None:
-        """Forget ``identity`` in L2 (every context). Retried on recovery if Redis is down."""
+        """Forget ``identity`` in L2 (every context). Replayed later if Redis is down."""
         key = self.data_key(identity_hash(identity))
         try:
             await self._run("invalidate", lambda c: c.delete(key))
@@ -572,14 +509,17 @@ class RedisSharedLayer:
     async def coordinate(
         self, query: FetchQuery, keys: Collection[str], fetch: FetchFn
     ) -> dict[str, CachedExperience]:
-        """Fetch once for all processes, within the workspace budget; see the module doc."""
+        """Run ``fetch`` once for all processes, within the workspace budget.
+
+        Claims the lease for (identity, context, keys): the holder checks the budget,
+        fetches, writes L2 and marks the lease done; others poll the lease and take the
+        holder's results from L2, or its failure, or the lease when it expired."""
         wanted = list(dict.fromkeys(keys))
         self._check_local_hints()
         try:
             self._usable_client()
         except _Unavailable:
-            self.stats.degraded += 1
-            return await fetch()
+            return await self._fetch_degraded(wanted, fetch)
         if not wanted:
             return await fetch()
         lease = self.lease_key(query, wanted)
@@ -594,9 +534,10 @@ class RedisSharedLayer:
                 reply = await self._run(
                     "claim", lambda c: self._scripts["claim"](keys=claim_keys, args=claim_args)
                 )
-            except _Unavailable:
-                self.stats.degraded += 1
-                return await fetch()
+            except _Unavailable as exc:
+                if exc.down:
+                    return await self._fetch_degraded(wanted, fetch)
+                return await self._fetch_unleased(wanted, fetch)
             state = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
             if state == "acquired":
                 if polls:
@@ -607,14 +548,14 @@ class RedisSharedLayer:
                 seconds = int(reply[1]) / 1000
                 self._paused_until = max(self._paused_until, time.monotonic() + seconds)
                 raise CircuitOpenError(f"fetching paused by a 429 for {seconds:.1f}s more")
-            if state == _DONE:
+            if state == DONE:
                 found = self._decode_many(wanted, reply[2] if len(reply) > 2 else None)
                 if len(found) == len(wanted):
                     self.stats.lease_served += 1
                     return _StoredEntries(found, None)
                 # Gone since (invalidated, flushed, too big to share): fetch ourselves.
                 return await self._fetch_unleased(wanted, fetch)
-            if state == _FAILED:
+            if state == FAILED:
                 self.stats.lease_failed += 1
                 raise CircuitOpenError("the same fetch just failed in another process")
             if polls == 0:
@@ -648,32 +589,37 @@ class RedisSharedLayer:
             retry_after=retry_after,
         )
 
+    def _take_local_share(self, cost: int) -> None:
+        """During an outage: stay within this process's share of the budget."""
+        if self._share is None:
+            return
+        wait = self._share.try_take(cost)
+        if wait > 0:
+            self.stats.rate_limited += 1
+            raise self._budget_error(wait)
+
     async def _take_budget(self, keys: list[str]) -> None:
         limiter = self._limiter
-        if limiter is None or self.rate_limit_per_minute is None:
+        if limiter is None or self._share is None:
             return
         cost = math.ceil(len(keys) / FETCH_BATCH_SIZE)  # the client's calls of <= 25 keys
         try:
             grant = await self._run("rate-limit", lambda c: limiter.acquire(cost))
-        except _Unavailable:
-            return  # Redis unusable: call through; the API's own 429 stays the backstop
+        except _Unavailable as exc:
+            if exc.down:
+                self._take_local_share(cost)
+                return
+            # A stall: calling unchecked could break the budget for everyone.
+            self.stats.budget_unchecked += 1
+            raise CircuitOpenError("Redis did not answer the budget check in time") from None
+        self._share.processes = grant.processes
         if not grant.allowed:
             self.stats.rate_limited += 1
             self._limited_until = time.monotonic() + grant.retry_after
             raise self._budget_error(grant.retry_after)
+        self._share.record(cost)
 
-    async def _publish_pause(self, exc: RateLimitedError) -> None:
-        seconds = exc.retry_after if exc.retry_after is not None else _DEFAULT_429_PAUSE
-        seconds = min(max(seconds, 0.0), DEFAULT_MAX_RETRY_AFTER)
-        if seconds <= 0 or self._limiter is None:
-            return
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-        limiter = self._limiter
-        with contextlib.suppress(_Unavailable):
-            await self._run("pause", lambda c: limiter.pause(seconds))
-
-    async def _fetch_unleased(self, keys: list[str], fetch: FetchFn) -> dict[str, CachedExperience]:
-        await self._take_budget(keys)
+    async def _call(self, fetch: FetchFn) -> dict[str, CachedExperience]:
         try:
             return await fetch()
         except RateLimitedError as exc:
@@ -681,29 +627,43 @@ class RedisSharedLayer:
                 await self._publish_pause(exc)
             raise
 
+    async def _publish_pause(self, exc: RateLimitedError) -> None:
+        seconds = exc.retry_after if exc.retry_after is not None else _DEFAULT_429_PAUSE
+        seconds = min(max(seconds, 0.0), DEFAULT_MAX_RETRY_AFTER)
+        if seconds <= 0:
+            return
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        limiter = self._limiter
+        if limiter is not None:
+            with contextlib.suppress(_Unavailable):
+                await self._run("pause", lambda c: limiter.pause(seconds))
+
+    async def _fetch_degraded(self, keys: list[str], fetch: FetchFn) -> dict[str, CachedExperience]:
+        self.stats.degraded += 1
+        self._take_local_share(math.ceil(len(keys) / FETCH_BATCH_SIZE))
+        return await self._call(fetch)
+
+    async def _fetch_unleased(self, keys: list[str], fetch: FetchFn) -> dict[str, CachedExperience]:
+        await self._take_budget(keys)
+        return await self._call(fetch)
+
     async def _fetch_as_holder(
         self, query: FetchQuery, keys: list[str], fetch: FetchFn, lease: str, token: str
     ) -> dict[str, CachedExperience]:
         self.stats.lease_acquired += 1
         renewer = self._spawn(self._renew(lease, token))
-        outcome = _RELEASE  # no call made: let a waiter take the lease and try
+        outcome = RELEASE  # no call made: let a waiter take the lease and try
         try:
             try:
-                await self._take_budget(keys)
-                entries = await fetch()
+                entries = await self._fetch_unleased(keys, fetch)
             except CircuitOpenError:
                 raise
-            except RateLimitedError as exc:
-                outcome = _FAILED
-                if exc.status_code == 429:
-                    await self._publish_pause(exc)
-                raise
-            except APIError:
-                outcome = _FAILED
+            except APIError:  # the upstream failed, or the budget is spent
+                outcome = FAILED
                 raise
             retention = self._retention
             if await self._write(query, entries, retention):
-                outcome = _DONE
+                outcome = DONE
                 return _StoredEntries(entries, retention)
             return entries
         finally:
@@ -711,7 +671,7 @@ class RedisSharedLayer:
             await self._release(lease, token, outcome)
 
     async def _release(self, lease: str, token: str, outcome: str) -> None:
-        ms = math.ceil((self.lease_ttl if outcome == _DONE else min(self.lease_ttl, 1.0)) * 1000)
+        ms = math.ceil((self.lease_ttl if outcome == DONE else min(self.lease_ttl, 1.0)) * 1000)
         with contextlib.suppress(_Unavailable):
             await self._run(
                 "release",

@@ -10,8 +10,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -20,14 +20,13 @@ import redis
 from personalize_middleware import (
     ConfigurationError,
     Identity,
-    PersonalizeClient,
     PersonalizeSettings,
     RedisSharedLayer,
 )
-from personalize_middleware._store import ExperienceStore, FetchQuery
 from tests.conftest import require_tool
 from tests.support.http_server import refused_url, run_asgi_server
 from tests.support.redis_standin import Rule, Standin
+from tests.support.redis_stores import KEYS, customer, layer_of, open_store, query, wait_until
 from tests.support.redis_support import (
     REDIS_URL,
     delete_workspace,
@@ -36,8 +35,6 @@ from tests.support.redis_support import (
 )
 
 pytestmark = pytest.mark.anyio
-
-KEYS = ["hero", "banner"]
 
 
 @pytest.fixture(scope="module")
@@ -70,51 +67,6 @@ def sync_redis() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
     yield client
     client.close()
-
-
-def customer() -> str:
-    return "cust-" + new_workspace()
-
-
-def query(customer_id: str, **attributes: str) -> FetchQuery:
-    return FetchQuery(Identity(customer_id=customer_id), attributes or {"DAY": "Monday"})
-
-
-@asynccontextmanager
-async def open_store(
-    base_url: str,
-    workspace: str,
-    *,
-    url: str = REDIS_URL,
-    clock: Callable[[], float] = time.time,
-    store_options: dict[str, Any] | None = None,
-    **layer_options: Any,
-) -> AsyncIterator[ExperienceStore]:
-    settings = PersonalizeSettings(workspace_id="WS1", api_secret="secret-x", base_url=base_url)
-    layer = RedisSharedLayer(url, workspace_id=workspace, **layer_options)
-    store = ExperienceStore(
-        PersonalizeClient(settings), shared=layer, clock=clock, **(store_options or {})
-    )
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.aclose()
-        await store.backend.aclose()
-
-
-def layer_of(store: ExperienceStore) -> RedisSharedLayer:
-    assert isinstance(store.shared, RedisSharedLayer)
-    return store.shared
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a real condition (polled), failing the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 # -- shared cache ----------------------------------------------------------------------
