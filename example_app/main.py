@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Form
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -26,6 +27,9 @@ from personalize_middleware import (
     get_personalization,
     setup_templates,
 )
+
+#: The request's personalization, as a FastAPI dependency.
+PersonalizationDep = Annotated[Personalization, Depends(get_personalization)]
 
 HERE = Path(__file__).parent
 EXPERIENCES_FILE = Path(os.environ.get("PERSONALIZE_LOCAL_FILE", HERE / "experiences.yaml"))
@@ -86,8 +90,8 @@ def create_app(
     @app.post("/login")
     async def login(
         request: Request,
-        customer_id: str = Form(..., max_length=64),
-        personalize: Personalization = Depends(get_personalization),
+        customer_id: Annotated[str, Form(max_length=64)],
+        personalize: PersonalizationDep,
     ) -> Response:
         customer_id = customer_id.strip()
         if customer_id not in DEMO_CUSTOMERS:
@@ -103,9 +107,7 @@ def create_app(
         return RedirectResponse("/", status_code=303)
 
     @app.post("/logout")
-    async def logout(
-        request: Request, personalize: Personalization = Depends(get_personalization)
-    ) -> Response:
+    async def logout(request: Request, personalize: PersonalizationDep) -> Response:
         await personalize.invalidate()
         request.session.pop("customer_id", None)
         return RedirectResponse("/", status_code=303)
