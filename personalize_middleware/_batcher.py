@@ -12,7 +12,10 @@ success                counted in ``sent``
                        ``Retry-After`` of a 429), the SAME ``moe_event_uuid``s, up to
                        ``max_retries`` times, then dropped with an error log
 400                    the batch is split in halves until the refused action is alone;
-                       only that one is dropped (with a log line), the rest is delivered
+                       only that one is dropped (with a log line), the rest is delivered.
+                       Splits are budgeted per batch (about 2*log2(n)): when everything
+                       is refused (a wrong MOE-APPKEY answers 400) the rest is dropped
+                       with an error log instead of costing one call per event
 401                    configuration error: logged at ERROR, the batch is KEPT and the
                        sender pauses ``auth_pause`` seconds before trying again (at most
                        one call per pause: fixing the secret and restarting loses nothing
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -42,7 +46,13 @@ from ._exceptions import APIError, AuthenticationError, BadRequestError, Configu
 from ._logging import RateLimitedLog
 from ._models import EventAction, EventElement
 
-__all__ = ["BatcherStats", "EventBatcher"]
+__all__ = [
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "BatcherStats",
+    "EventBatcher",
+]
 
 logger = logging.getLogger("personalize_middleware.events")
 
@@ -276,13 +286,17 @@ class EventBatcher:
         self._first_at = time.monotonic()
         return pairs
 
-    async def _deliver(self, pairs: list[_Pair]) -> None:
+    async def _deliver(self, pairs: list[_Pair], splits: list[int] | None = None) -> None:
+        """Deliver ``pairs``. ``splits`` is what is left of the batch's budget of 400
+        splits (shared by the halves, so a 400 for everything cannot become a storm)."""
+        if splits is None:
+            splits = [2 * math.ceil(math.log2(len(pairs) + 1)) + 2]
         attempt = 0
         while True:
             try:
                 await self._call(pairs)
             except BadRequestError as exc:
-                await self._isolate(pairs, exc)
+                await self._isolate(pairs, exc, splits)
                 return
             except AuthenticationError:
                 logger.error(
@@ -322,8 +336,17 @@ class EventBatcher:
             self.stats.failed_calls += 1
             raise
 
-    async def _isolate(self, pairs: list[_Pair], exc: BadRequestError) -> None:
+    async def _isolate(self, pairs: list[_Pair], exc: BadRequestError, splits: list[int]) -> None:
         """A 400 names no element: split until the refused action is alone, drop it."""
+        if len(pairs) > 1 and splits[0] <= 0:
+            self.stats.dropped_rejected += len(pairs)
+            logger.error(
+                "personalize: the events API refuses (400) most of a batch: %s; %d events "
+                "dropped without isolating further (check MOE-APPKEY / the workspace id)",
+                exc.description or exc.title or exc,
+                len(pairs),
+            )
+            return
         if len(pairs) == 1:
             action = pairs[0][1]
             logger.warning(
@@ -335,9 +358,10 @@ class EventBatcher:
             )
             self.stats.dropped_rejected += 1
             return
+        splits[0] -= 1
         middle = len(pairs) // 2
-        await self._deliver(pairs[:middle])
-        await self._deliver(pairs[middle:])
+        await self._deliver(pairs[:middle], splits)
+        await self._deliver(pairs[middle:], splits)
 
     def _backoff(self, attempt: int, exc: BaseException) -> float:
         ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from markupsafe import Markup, escape
 
 from ._backend import PersonalizeBackend
-from ._batcher import BatcherStats, EventBatcher
+from ._batcher import (
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    BatcherStats,
+    EventBatcher,
+)
 from ._exceptions import ConfigurationError, TemplateUsageError
 from ._logging import RateLimitedLog
 from ._models import Experience, Identity
@@ -236,6 +242,10 @@ class Tracking:
     (``tracking=Tracking(...)``); it routes ``{prefix}/...`` here and starts / closes it
     with the app's lifespan. ``impressions="server"`` counts an impression when the page
     is rendered (pages without JavaScript) instead of when the element is seen.
+    ``allowed_origins`` lists origins (``"https://www.example.com"``) whose beacons are
+    accepted besides the request's own Host (needed when a proxy rewrites Host).
+    ``flush_interval``, ``max_queue`` and ``shutdown_timeout`` tune the default batcher;
+    pass ``batcher`` for full control.
     """
 
     def __init__(
@@ -250,6 +260,9 @@ class Tracking:
         impressions: Literal["client", "server"] = "client",
         allowed_origins: Sequence[str] = (),
         batcher: EventBatcher | None = None,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         replay_cache_size: int = 100_000,
     ) -> None:
         from ._events import BeaconEndpoint  # the endpoint imports this module's tokens
@@ -273,7 +286,12 @@ class Tracking:
         self.prefix = prefix
         self.token_ttl = float(token_ttl)
         self.impressions = impressions
-        self.batcher = batcher if batcher is not None else EventBatcher(backend)
+        self.batcher = batcher or EventBatcher(
+            backend,
+            flush_interval=flush_interval,
+            max_queue=max_queue,
+            shutdown_timeout=shutdown_timeout,
+        )
         self.stats = TrackingStats(batcher=self.batcher.stats)
         self._log = RateLimitedLog(logger)
         script = _script()

@@ -218,6 +218,25 @@ async def test_400_isolates_and_drops_only_the_refused_action(
 
 
 @pytest.mark.anyio
+async def test_400_for_everything_does_not_cost_a_call_per_event(
+    stand_in: tuple[EventsStandIn, str],
+    client: PersonalizeClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    standin, _ = stand_in
+    standin.plan = lambda number, body: error(400)  # e.g. a wrong MOE-APPKEY
+    batcher = EventBatcher(client, **FAST)
+    await batcher.start()
+    enqueue_many(batcher, 100, users=50)
+    with caplog.at_level(logging.ERROR, "personalize_middleware"):
+        await batcher.flush()
+    assert batcher.stats.dropped_rejected == 100 and batcher.stats.sent == 0
+    assert len(standin.calls) <= 40  # not ~200 (a full bisection)
+    assert "without isolating further" in caplog.text
+    await batcher.aclose()
+
+
+@pytest.mark.anyio
 async def test_401_keeps_events_and_pauses(
     stand_in: tuple[EventsStandIn, str],
     client: PersonalizeClient,
