@@ -224,13 +224,15 @@ class EventBatcher:
         task, self._task = self._task, None
         if task is None and self._queue:
             task = asyncio.create_task(self._run())
+        cut_short = 0
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=max(timeout, 0) + 0.05)
             if not done:
+                cut_short = self._inflight  # the sender's `finally` zeroes it when cancelled
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        left = len(self._queue) + self._inflight
+        left = len(self._queue) + max(self._inflight, cut_short)
         if left:
             self.stats.dropped_shutdown += left
             logger.error(

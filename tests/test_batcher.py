@@ -331,6 +331,29 @@ async def test_shutdown_against_a_failing_api_stops_at_the_deadline(
 
 
 @pytest.mark.anyio
+async def test_shutdown_during_a_hung_call_counts_the_batch(
+    stand_in: tuple[EventsStandIn, str],
+) -> None:
+    """Regression: the batch being sent when the deadline cancels the sender was not
+    counted (the sender's cleanup zeroed the in-flight count first)."""
+    standin, url = stand_in
+    standin.plan = lambda number, body: Delay(3.0, error(200))
+    settings = PersonalizeSettings(
+        workspace_id=WORKSPACE_ID, api_secret=API_SECRET, base_url=url + "/v1", read_timeout=10
+    )
+    async with PersonalizeClient(settings) as slow_client:
+        batcher = EventBatcher(slow_client, flush_interval=0.01)
+        await batcher.start()
+        enqueue_many(batcher, 6, users=2)
+        assert await _until(lambda: batcher.stats.calls == 1)  # the call is in flight
+        started = time.monotonic()
+        await batcher.aclose(timeout=0.3)
+        assert time.monotonic() - started < 1.5
+    assert batcher.stats.dropped_shutdown == 6
+    assert batcher.pending == 0
+
+
+@pytest.mark.anyio
 async def test_restart_after_close(
     stand_in: tuple[EventsStandIn, str], client: PersonalizeClient
 ) -> None:
@@ -344,6 +367,15 @@ async def test_restart_after_close(
     await batcher.flush()
     assert_exactly_once(standin, uuids)
     await batcher.aclose()
+
+
+async def _until(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def _wait_calls(standin: EventsStandIn, count: int) -> bool:
