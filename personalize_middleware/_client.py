@@ -87,8 +87,6 @@ class PersonalizeClient:
     ) -> None:
         if not isinstance(settings, PersonalizeSettings):
             raise ConfigurationError("settings must be a PersonalizeSettings", field="settings")
-        from . import __version__  # here, not at import time: the package imports us
-
         self._settings = settings
         base = settings.api_base_url
         self._fetch_url = base + "/experiences/fetch"
@@ -100,9 +98,20 @@ class PersonalizeClient:
         # Kept only to scrub text that came from outside (error bodies, httpx messages)
         # before it reaches a log line or an exception.
         self._redactions = (token, settings.api_secret)
-        self._http = httpx.AsyncClient(
+        self._auth_token = token
+        self._transport = transport
+        self._http = self._new_http()
+        self._closed = False
+        #: Seconds a whole call may take, however the time is spent.
+        self._deadline = settings.connect_timeout + settings.read_timeout
+
+    def _new_http(self) -> httpx.AsyncClient:
+        from . import __version__  # here, not at import time: the package imports us
+
+        settings = self._settings
+        return httpx.AsyncClient(
             headers={
-                "Authorization": f"Basic {token}",
+                "Authorization": f"Basic {self._auth_token}",
                 "MOE-APPKEY": settings.workspace_id,
                 "User-Agent": f"personalize-middleware/{__version__}",
                 "Content-Type": "application/json",
@@ -119,10 +128,9 @@ class PersonalizeClient:
                 max_keepalive_connections=settings.max_connections,
                 keepalive_expiry=KEEPALIVE_EXPIRY,
             ),
-            transport=transport,
+            transport=self._transport,
             follow_redirects=False,
         )
-        self._closed = False
 
     def __repr__(self) -> str:
         return (
@@ -140,6 +148,11 @@ class PersonalizeClient:
         return self._closed
 
     async def __aenter__(self) -> Self:
+        """Entering a closed client reopens it with a new connection pool (an app's
+        lifespan may run more than once, e.g. one test client after another)."""
+        if self._closed:
+            self._http = self._new_http()
+            self._closed = False
         return self
 
     async def __aexit__(
@@ -270,9 +283,17 @@ class PersonalizeClient:
             raise RuntimeError("PersonalizeClient is closed")
         started = time.perf_counter()
         try:
-            response = await self._http.request(method, url, content=body)
+            # httpx's timeouts are per operation: an upstream trickling a byte more often
+            # than read_timeout would hold the call, and a pooled connection, for as long as
+            # it liked. One overall deadline bounds every call.
+            async with asyncio.timeout(self._deadline):
+                response = await self._http.request(method, url, content=body)
         except httpx.HTTPError as exc:
             raise self._translate_transport_error(endpoint, exc) from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(
+                f"{endpoint}: no complete answer within {self._deadline:g}s", endpoint=endpoint
+            ) from exc
         elapsed_ms = (time.perf_counter() - started) * 1000
         logger.debug(
             "personalize: %s -> HTTP %d in %.1f ms", endpoint, response.status_code, elapsed_ms

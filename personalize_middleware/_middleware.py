@@ -36,7 +36,7 @@ from ._store import (
     ExperienceStore,
     SharedLayer,
 )
-from ._tracking import Tracking
+from ._tracking import DEFAULT_TOKEN_TTL, Tracking
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
 
@@ -86,6 +86,8 @@ class PersonalizeMiddleware:
         tracking: bool | Tracking = True,
         tracking_prefix: str = DEFAULT_TRACKING_PREFIX,
         impressions: Literal["client", "server"] = "client",
+        tracking_allowed_origins: Sequence[str] = (),
+        tracking_token_ttl: float = DEFAULT_TOKEN_TTL,
         metadata_refresh: float | None = DEFAULT_METADATA_REFRESH,
         local_report: bool | None = None,
         shared: SharedLayer | None = None,
@@ -154,10 +156,13 @@ class PersonalizeMiddleware:
                 backend=backend,
                 prefix=tracking_prefix,
                 impressions=impressions,
+                allowed_origins=tracking_allowed_origins,
+                token_ttl=tracking_token_ttl,
             )
         else:
             self.tracking = None
         self.tracking_prefix = tracking_prefix
+        self._own_prefix = tracking_prefix + "/"
         self.metadata = (
             MetadataWatcher(backend, self.routes.configured_keys, interval=metadata_refresh)
             if metadata_refresh
@@ -208,6 +213,7 @@ class PersonalizeMiddleware:
         if not self._started:
             return
         self._started = False
+        self._start_lock = None  # bound to this loop; a later lifespan may run another
         if self.metadata is not None:
             await self.metadata.aclose()
         if self.tracking is not None:
@@ -242,7 +248,7 @@ class PersonalizeMiddleware:
         if not self._started:
             await self.startup()
         path: str = scope["path"]
-        if path.startswith(self.tracking_prefix):
+        if path.startswith(self._own_prefix):
             await self._own_endpoint(scope, receive, send)
             return
         if self.exclude_paths and path.startswith(self.exclude_paths):
@@ -295,7 +301,11 @@ class PersonalizeMiddleware:
         if self.tracking is None:
             await self.app(scope, receive, send)
             return
-        identity = await self._resolve_identity(scope, _VisitorState(), issue=False)
+        identity = (
+            await self._resolve_identity(scope, _VisitorState(), issue=False)
+            if scope["method"] == "POST"  # only beacons are checked against the visitor
+            else None
+        )
         await self.tracking.handle(scope, receive, send, identity)
 
     async def _resolve_identity(

@@ -475,3 +475,48 @@ def test_bad_configuration_names_the_field() -> None:
                 **{"secret_key": SECRET, "tracking": False, **options},
             )
         assert info.value.field is not None and info.value.field.startswith(field), options
+
+
+def test_the_app_can_run_its_lifespan_twice_with_an_owned_http_client() -> None:
+    """Regression: a second TestClient on the same app (a new event loop, a second
+    lifespan) used to find the HTTP client closed by the first shutdown."""
+    from personalize_middleware import LocalBackend, PersonalizeSettings, create_local_server
+    from tests.support.http_server import run_asgi_server
+
+    server = create_local_server(LocalBackend.default(), workspace_id="WS1", api_secret="s3cret")
+    with run_asgi_server(server) as base_url:
+        settings = PersonalizeSettings(
+            workspace_id="WS1", api_secret="s3cret", base_url=base_url + "/v1"
+        )
+        app = Starlette(
+            routes=[Route("/", page)],
+            middleware=[
+                Middleware(
+                    PersonalizeMiddleware,
+                    settings=settings,
+                    routes={"/": ["hero-banner"]},
+                    identify=header_identity,
+                    secret_key=SECRET,
+                )
+            ],
+        )
+        seen = []
+        for _ in range(2):
+            with TestClient(app) as client:
+                seen.append(client.get("/", headers={"x-test-user": "alice"}).json())
+    assert seen[0] == seen[1] and "hero-banner" in seen[0]
+
+
+def test_paths_that_only_share_the_prefix_are_the_apps() -> None:
+    backend = FakeBackend()
+
+    async def lookalike(request: Request) -> Response:
+        return PlainTextResponse("app's own")
+
+    app = Starlette(
+        routes=[Route("/_personalizeX", lookalike)],
+        middleware=[Middleware(PersonalizeMiddleware, backend=backend, secret_key=SECRET)],
+    )
+    with TestClient(app) as client:
+        assert client.get("/_personalizeX").text == "app's own"
+        assert client.get("/_personalize/nope").status_code == 404
