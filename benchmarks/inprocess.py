@@ -1,0 +1,89 @@
+"""Cache-hit overhead in process: direct ASGI calls on the same page with and without the
+middleware, and with 3 GrowthBook features evaluated locally instead."""
+
+from __future__ import annotations
+
+import contextlib
+
+from starlette.types import ASGIApp
+
+from ._apps import BROWSER_HEADERS, Variant, build_app, visitor_cookie
+from ._asgi import Response, Timing, find_middleware, lifespan, make_scope, request, timed
+from ._report import Row, fmt_us
+
+__all__ = ["TARGET_ADDED_US", "run"]
+
+TARGET_ADDED_US = 25.0
+_LABELS = {
+    "personalized": "middleware + tag + tracking hooks, cache hit",
+    "direct": "middleware only (page reads the handle), cache hit",
+    "growthbook": "GrowthBook SDK, 3 features evaluated locally",
+}
+
+
+async def run(*, quick: bool) -> list[Row]:
+    iterations, rounds = (500, 7) if quick else (2000, 21)
+    variants: tuple[Variant, ...] = ("baseline", "personalized", "direct", "growthbook")
+    apps: dict[str, ASGIApp] = {name: build_app(name) for name in variants}
+    scope = make_scope("/", headers=(*BROWSER_HEADERS, (b"cookie", visitor_cookie().encode())))
+    async with contextlib.AsyncExitStack() as stack:
+        for app in apps.values():
+            await stack.enter_async_context(lifespan(app))
+        stores = []
+        for name in ("personalized", "direct"):
+            await request(apps[name], scope)  # the cold miss that fills L1
+            _check_hit(name, await request(apps[name], scope))
+            stores.append(find_middleware(apps[name]).store.stats)
+        for name in ("baseline", "growthbook"):
+            assert (await request(apps[name], scope)).status == 200, name
+        before = [(s.upstream_calls, s.hits) for s in stores]
+        timings = await timed(apps, scope, iterations=iterations, rounds=rounds)
+        # Every timed request must have been a cache hit, else the figure is not what it says.
+        for stats, (calls, hits) in zip(stores, before, strict=True):
+            assert stats.upstream_calls == calls, "a timed request went upstream"
+            assert stats.hits - hits == 3 * iterations * rounds, "not every timed request hit"
+    base = timings["baseline"]
+    how = f"median of {rounds} interleaved rounds x {iterations} direct ASGI calls"
+    rows = [_added_row(name, base, timings[name], how) for name in variants[1:]]
+    mw_added = rows[0].data["added_us"]
+    gb_added = rows[2].data["added_us"]
+    rows.append(
+        Row(
+            section="in process",
+            name="middleware + hooks vs GrowthBook, added per request",
+            baseline=f"+{fmt_us(gb_added)} (GrowthBook)",
+            measured=f"+{fmt_us(mw_added)} (middleware + hooks)",
+            ratio=mw_added / gb_added if gb_added > 0 else None,
+            target="< 1.00x",
+            met=mw_added < gb_added,
+        )
+    )
+    return rows
+
+
+def _added_row(name: str, base: Timing, measured: Timing, how: str) -> Row:
+    added = measured.median - base.median
+    row = Row(
+        section="in process",
+        name=_LABELS[name],
+        baseline=f"{fmt_us(base.median)} (page alone)",
+        measured=f"{fmt_us(measured.median)} (+{fmt_us(added)})",
+        ratio=measured.median / base.median,
+        note=(
+            f"{how}; best rounds {fmt_us(base.best)} vs {fmt_us(measured.best)} "
+            f"(+{fmt_us(measured.best - base.best)})"
+        ),
+        data={"baseline_us": base.rounds, "measured_us": measured.rounds, "added_us": added},
+    )
+    if name == "personalized":
+        row.target = f"<= +{TARGET_ADDED_US:.0f} µs"
+        row.met = added <= TARGET_ADDED_US
+    return row
+
+
+def _check_hit(name: str, response: Response) -> None:
+    body = response.body
+    assert b"home-hero for" in body, f"{name}: the cache hit was not personalized"
+    assert not response.header(b"set-cookie"), "the visitor cookie was not accepted"
+    if name == "personalized":
+        assert b"data-pz-impression" in body and b"data-pz-click" in body, "hooks missing"

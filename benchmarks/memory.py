@@ -1,0 +1,95 @@
+"""Memory per cached user: the store filled with N users x 3 experiences, in a fresh
+subprocess (``python -m benchmarks.memory N rss|tracemalloc``) so nothing else of the run
+is counted. Users go through the store's real path (lookup, fetch task, L1 insert), each
+with its own visitor id and in-session attributes, each answer parsed from its own JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tracemalloc
+
+from personalize_middleware._attributes import SessionAttributes
+from personalize_middleware._models import Identity
+from personalize_middleware._store import ExperienceStore, FetchQuery
+
+from ._apps import KEYS, USER_AGENT, InstantBackend, experience_body
+from ._report import Row
+
+__all__ = ["run"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _fill(users: int, mode: str) -> dict[str, float]:
+    store = ExperienceStore(InstantBackend(), maxsize=users)
+    attributes = SessionAttributes()
+    agent = USER_AGENT.encode()
+    gc.collect()
+    if mode == "tracemalloc":
+        tracemalloc.start()
+    before = _rss_bytes()
+    for i in range(users):
+        scope = {
+            "type": "http",
+            "headers": [(b"user-agent", agent)],  # decoded per request, as in a server
+            "client": (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000),
+            "query_string": b"",
+        }
+        query = FetchQuery(Identity(visitor_id=secrets.token_urlsafe(16)), attributes.build(scope))
+        found = await store.get(query, KEYS)
+        assert len(found) == len(KEYS)
+    await asyncio.sleep(0)
+    gc.collect()
+    assert len(store) == users, len(store)
+    result: dict[str, float] = {"users": users}
+    if mode == "tracemalloc":
+        result["bytes"] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+    else:
+        result["bytes"] = _rss_bytes() - before
+    return result
+
+
+def _measure(users: int, mode: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", str(users), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(json.loads(out)["bytes"]) / users
+
+
+async def run(*, quick: bool) -> list[Row]:
+    users = 20_000 if quick else 100_000
+    answer = len(experience_body(KEYS, "user-00000"))
+    rss = _measure(users, "rss")
+    traced = _measure(users, "tracemalloc")
+    return [
+        Row(
+            section="memory",
+            name=f"per cached user, {users:,} users x 3 experiences",
+            baseline=f"{answer:,} B (the API's JSON answer)",
+            measured=f"{rss / 1024:,.1f} KiB RSS ({traced / 1024:,.1f} KiB traced)",
+            ratio=rss / answer,
+            note=(
+                f"RSS growth and tracemalloc, each in a fresh subprocess; "
+                f"{users * rss / 2**20:,.0f} MiB for {users:,} users"
+            ),
+            data={"rss_per_user": rss, "traced_per_user": traced, "answer_bytes": answer},
+        )
+    ]
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(_fill(int(sys.argv[1]), sys.argv[2]))))
