@@ -5,8 +5,9 @@ values, Lua scripts) is described in ``_redis_codec.py``, the budget in ``_ratel
 
 Every Redis call has a short timeout. Redis failing is one of two things:
 
-- a stall (timeouts for less than ``stall_tolerance``, 1 s): that one operation acts as a
-  miss, and a fetch whose budget could not be checked is not made (stale or defaults);
+- a stall (timeouts for less than ``stall_tolerance``, 1 s): a read acts as a miss, the
+  lease is asked for again, and a fetch whose budget could not be checked is not made
+  (stale or defaults render): calling unchecked could duplicate or overspend;
 - an outage (connection refused or reset, or timeouts that last): the layer behaves as if
   absent (``get`` finds nothing, ``set`` does nothing, ``coordinate`` calls through,
   within this process's share of the budget) for a short backoff, logs one line per
@@ -84,6 +85,7 @@ _RETRY_BACKOFF_MIN, _RETRY_BACKOFF_MAX = 0.25, 2.0
 #: Timeouts for less than this are a stall (skip the operation); longer, an outage.
 DEFAULT_STALL_TOLERANCE = 1.0
 _DEFAULT_429_PAUSE = 1.0
+_STALL_RETRIES = 3  # attempts at the writes other processes wait for
 _PENDING_INVALIDATIONS = 10_000
 
 _T = TypeVar("_T")
@@ -529,6 +531,7 @@ class RedisSharedLayer:
         claim_args = [token, math.ceil(self.lease_ttl * 1000), *fields]
         deadline = time.monotonic() + self.max_wait
         polls = 0
+        waited = False
         while True:
             try:
                 reply = await self._run(
@@ -537,10 +540,11 @@ class RedisSharedLayer:
             except _Unavailable as exc:
                 if exc.down:
                     return await self._fetch_degraded(wanted, fetch)
-                return await self._fetch_unleased(wanted, fetch)
-            state = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                state = "stalled"  # ask again shortly: fetching now could duplicate a fetch
+            else:
+                state = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
             if state == "acquired":
-                if polls:
+                if waited:
                     self.stats.lease_takeovers += 1
                 return await self._fetch_as_holder(query, wanted, fetch, lease, token)
             if state == "paused":
@@ -558,7 +562,8 @@ class RedisSharedLayer:
             if state == FAILED:
                 self.stats.lease_failed += 1
                 raise CircuitOpenError("the same fetch just failed in another process")
-            if polls == 0:
+            if state == "held" and not waited:
+                waited = True
                 self.stats.lease_waits += 1
             if time.monotonic() >= deadline:
                 self.stats.lease_timeouts += 1
@@ -662,9 +667,12 @@ class RedisSharedLayer:
                 outcome = FAILED
                 raise
             retention = self._retention
-            if await self._write(query, entries, retention):
-                outcome = DONE
-                return _StoredEntries(entries, retention)
+            for _ in range(_STALL_RETRIES):  # waiters depend on this write: insist a little
+                if await self._write(query, entries, retention):
+                    outcome = DONE
+                    return _StoredEntries(entries, retention)
+                if self.is_degraded:
+                    break
             return entries
         finally:
             renewer.cancel()
@@ -672,11 +680,16 @@ class RedisSharedLayer:
 
     async def _release(self, lease: str, token: str, outcome: str) -> None:
         ms = math.ceil((self.lease_ttl if outcome == DONE else min(self.lease_ttl, 1.0)) * 1000)
-        with contextlib.suppress(_Unavailable):
-            await self._run(
-                "release",
-                lambda c: self._scripts["release"](keys=[lease], args=[token, outcome, ms]),
-            )
+        for _ in range(_STALL_RETRIES):  # else waiters wait for the lease to expire
+            try:
+                await self._run(
+                    "release",
+                    lambda c: self._scripts["release"](keys=[lease], args=[token, outcome, ms]),
+                )
+                return
+            except _Unavailable as exc:
+                if exc.down:
+                    return
 
     async def _renew(self, lease: str, token: str) -> None:
         """Keep the lease while the fetch runs: it expires only if this process dies."""

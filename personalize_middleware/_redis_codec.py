@@ -58,6 +58,7 @@ local paused = redis.call('PTTL', KEYS[2])
 if paused > 0 then return {'paused', paused} end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'acquired', 0} end
 local state = redis.call('GET', KEYS[1])
+if state == ARGV[1] then return {'acquired', 0} end  -- ours: a retry after a lost reply
 if state == 'done:ok' then
   return {'done:ok', 0, redis.call('HMGET', KEYS[3], unpack(ARGV, 3))}
 end

@@ -23,6 +23,7 @@ from personalize_middleware import (
     PersonalizeSettings,
     RedisSharedLayer,
 )
+from personalize_middleware._ratelimit import LocalShare, RateLimitGrant, RedisRateLimiter
 from tests.conftest import require_tool
 from tests.support.http_server import refused_url, run_asgi_server
 from tests.support.redis_standin import Rule, Standin
@@ -352,6 +353,22 @@ async def test_a_429_pauses_every_process(
     del standin.rules[limited]
 
 
+async def test_a_stalled_budget_check_makes_no_call(
+    standin: Standin, base_url: str, workspace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def never_answers(self: RedisRateLimiter, cost: int = 1) -> RateLimitGrant:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(RedisRateLimiter, "acquire", never_answers)
+    cid = customer()
+    async with open_store(base_url, workspace, op_timeout=0.05) as a:
+        assert await a.get(query(cid), KEYS) == {}  # defaults: calling unchecked could
+        assert standin.calls_for(cid) == 0  # overspend the workspace's budget
+        assert layer_of(a).stats.budget_unchecked == 1
+        assert not layer_of(a).is_degraded  # a stall, not an outage
+
+
 # -- Redis failures degrade ------------------------------------------------------------
 
 
@@ -374,6 +391,29 @@ async def test_redis_unreachable_means_l1_only_with_one_log_line(
     lines = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
     assert len(lines) == 1
     assert "secret" not in caplog.text
+
+
+async def test_during_an_outage_each_process_keeps_to_its_share(
+    standin: Standin, base_url: str
+) -> None:
+    with refused_url() as http_url:
+        url = http_url.replace("http://", "redis://")
+        async with open_store(base_url, "ws-down", url=url, rate_limit_per_minute=3) as a:
+            users = [customer() for _ in range(5)]
+            served = [bool(await a.get(query(cid), KEYS)) for cid in users]
+    assert served == [True, True, True, False, False]
+    assert sum(standin.calls_for(cid) for cid in users) == 3
+
+
+def test_local_share_divides_the_budget_by_the_processes_seen() -> None:
+    share = LocalShare(budget=10, window=60.0)
+    share.processes = 3
+    assert share.share == 3
+    assert [share.try_take(1) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = share.try_take(1)
+    assert 59.0 < wait <= 60.0  # when the oldest of this process's calls leaves the window
+    share.processes = 20
+    assert share.share == 1  # never zero: a process may always make some progress
 
 
 # -- configuration ---------------------------------------------------------------------

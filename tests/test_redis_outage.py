@@ -89,24 +89,19 @@ async def test_slow_redis_is_cut_short_then_bypassed(
         admin.execute_command("CLIENT", "PAUSE", "2000", "ALL")  # every command now hangs
         paused_at = time.monotonic()
         try:
-            # A stall: the budget cannot be checked, so no call is made; defaults, fast.
+            # A stall first: Redis is asked again (fetching now could duplicate another
+            # process's fetch or break the budget), until it lasts stall_tolerance: then it
+            # is an outage, and the fetch goes out unchecked (within this process's share).
             cid = customer()
-            assert await a.get(query(cid), KEYS) == {}
-            assert time.monotonic() - paused_at < 0.5
-            assert standin.calls_for(cid) == 0
-            assert layer_of(a).stats.budget_unchecked == 1
-            # Past stall_tolerance it is an outage: fetch unchecked (within this process's
-            # share of the budget), pages personalized again.
-            served_at = None
-            while served_at is None:
-                cid = customer()
-                started = time.monotonic()
-                if await a.get(query(cid), KEYS):
-                    served_at = time.monotonic()
-                assert time.monotonic() - started < 0.5
-                assert time.monotonic() - paused_at < 1.5, "never bypassed the slow Redis"
-            assert layer_of(a).is_degraded and layer_of(a).stats.degraded >= 1
-            assert served_at - paused_at >= 0.3
+            assert set(await a.get(query(cid), KEYS)) == set(KEYS)
+            assert 0.3 <= time.monotonic() - paused_at < 1.0
+            assert standin.calls_for(cid) == 1
+            assert layer_of(a).is_degraded and layer_of(a).stats.degraded == 1
+            # During the outage Redis is not even asked: no waiting at all.
+            cid = customer()
+            started = time.monotonic()
+            assert set(await a.get(query(cid), KEYS)) == set(KEYS)
+            assert time.monotonic() - started < 0.2
         finally:
             admin.ping()  # returns once the pause is over
             admin.close()
