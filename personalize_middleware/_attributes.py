@@ -32,6 +32,8 @@ class SessionAttributes:
     """
 
     __slots__ = (
+        "_hour",
+        "_hour_values",
         "clock",
         "day_of_week",
         "ip_address",
@@ -73,15 +75,27 @@ class SessionAttributes:
         self.query_params = frozenset(query_params)
         self.trusted_proxies = tuple(networks)
         self.clock = clock
+        self._hour = -1
+        self._hour_values = ("", "")
+
+    def _day_and_hour(self) -> tuple[str, str]:
+        # Both change only on the hour (Unix time has no leap seconds), so gmtime runs
+        # once an hour instead of on every request.
+        hour = int(self.clock() // 3600)
+        if hour != self._hour:
+            now = time.gmtime(hour * 3600)
+            self._hour_values = (_DAYS[now.tm_wday], _HOURS[now.tm_hour])
+            self._hour = hour
+        return self._hour_values
 
     def build(self, scope: Scope) -> dict[str, str]:
         attrs: dict[str, str] = {}
         if self.day_of_week or self.time_of_day:
-            now = time.gmtime(self.clock())
+            day, hour = self._day_and_hour()
             if self.day_of_week:
-                attrs["DAY_OF_THE_WEEK"] = _DAYS[now.tm_wday]
+                attrs["DAY_OF_THE_WEEK"] = day
             if self.time_of_day:
-                attrs["TIME_OF_THE_DAY"] = _HOURS[now.tm_hour]
+                attrs["TIME_OF_THE_DAY"] = hour
         if self.user_agent or (self.ip_address and self.trusted_proxies):
             user_agent, forwarded = _headers(scope)
             if self.user_agent and user_agent:
