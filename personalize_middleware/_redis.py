@@ -3,15 +3,12 @@
 ``RedisSharedLayer`` implements the store's ``SharedLayer``; what it keeps in Redis (keys,
 values, Lua scripts) is described in ``_redis_codec.py``, the budget in ``_ratelimit.py``.
 
-Every Redis call has a short timeout. Redis failing is one of two things:
-
-- a stall (timeouts for less than ``stall_tolerance``, 1 s): a read acts as a miss, the
-  lease is asked for again, and a fetch whose budget could not be checked is not made
-  (stale or defaults render): calling unchecked could duplicate or overspend;
-- an outage (connection refused or reset, or timeouts that last): the layer behaves as if
-  absent (``get`` finds nothing, ``set`` does nothing, ``coordinate`` calls through,
-  within this process's share of the budget) for a short backoff, logs one line per
-  interval, then tries Redis again by itself.
+Redis failing never breaks a page (``_redis_conn.py`` tells a stall from an outage): in a
+stall a read is a miss, the lease is asked for again, and a fetch whose budget could not
+be checked is not made (stale or defaults render: calling unchecked could duplicate or
+overspend); in an outage the layer acts as if absent (``get`` finds nothing, ``set`` does
+nothing, ``coordinate`` calls through within this process's share of the budget) until
+Redis answers again.
 """
 
 from __future__ import annotations
@@ -19,16 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import importlib
 import logging
 import math
 import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from collections.abc import Collection, Coroutine, Mapping
+from typing import Any
 
 from ._breaker import DEFAULT_MAX_RETRY_AFTER, CircuitOpenError
 from ._client import FETCH_BATCH_SIZE
@@ -48,6 +43,14 @@ from ._redis_codec import (
     SET_SCRIPT,
     decode_entry,
     encode_entry,
+)
+from ._redis_conn import (
+    DEFAULT_OP_TIMEOUT,
+    DEFAULT_STALL_TOLERANCE,
+    RedisConnection,
+    RedisStats,
+    Unavailable,
+    mask_url,
 )
 from ._store import (
     DEFAULT_CACHE_TTL,
@@ -77,51 +80,12 @@ DEFAULT_LEASE_TTL = 3.0
 DEFAULT_MAX_WAIT = 10.0
 DEFAULT_MAX_VALUE_BYTES = 64 * 1024
 DEFAULT_MAX_FIELDS_PER_IDENTITY = 256
-DEFAULT_OP_TIMEOUT = 0.1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 _POLL_DELAYS = (0.005, 0.01, 0.02, 0.03, 0.05)  # then every 50 ms
-_RETRY_BACKOFF_MIN, _RETRY_BACKOFF_MAX = 0.25, 2.0
-#: Timeouts for less than this are a stall (skip the operation); longer, an outage.
-DEFAULT_STALL_TOLERANCE = 1.0
 _DEFAULT_429_PAUSE = 1.0
 _STALL_RETRIES = 3  # attempts at the writes other processes wait for
 _PENDING_INVALIDATIONS = 10_000
-
-_T = TypeVar("_T")
-
-
-@dataclass(slots=True)
-class RedisStats:
-    """Counters of the shared layer (``layer.stats``)."""
-
-    l2_hits: int = 0
-    l2_misses: int = 0
-    l2_writes: int = 0
-    l2_malformed: int = 0
-    l2_oversize: int = 0
-    l2_errors: int = 0
-    lease_acquired: int = 0
-    lease_waits: int = 0
-    lease_served: int = 0
-    lease_failed: int = 0
-    lease_takeovers: int = 0
-    lease_timeouts: int = 0
-    rate_limited: int = 0
-    budget_unchecked: int = 0
-    paused: int = 0
-    degraded: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-class _Unavailable(Exception):
-    """Redis cannot be used for this operation; ``down``: an outage, not a stall."""
-
-    def __init__(self, down: bool) -> None:
-        super().__init__("Redis unavailable")
-        self.down = down
 
 
 class _StoredEntries(dict[str, CachedExperience]):
@@ -133,23 +97,6 @@ class _StoredEntries(dict[str, CachedExperience]):
     def __init__(self, entries: Mapping[str, CachedExperience], retention: float | None):
         super().__init__(entries)
         self.retention = retention
-
-
-def _import_redis() -> Any:
-    try:
-        return importlib.import_module("redis.asyncio")
-    except ImportError as exc:
-        raise ConfigurationError(
-            "redis_url is set but the 'redis' package is not installed: "
-            "pip install 'personalize-middleware[redis]'",
-            field="redis_url",
-        ) from exc
-
-
-def _mask_url(url: str) -> str:
-    """The URL without its password or query string (which may carry one)."""
-    masked = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:****@", url)
-    return masked.split("?", 1)[0]
 
 
 def _positive(name: str, value: Any) -> float:
@@ -213,7 +160,6 @@ class RedisSharedLayer:
             raise ConfigurationError(
                 "rate_limit_margin must be a number >= 0", field="rate_limit_margin"
             )
-        self._redis = _import_redis()  # fail at configuration time, not on a request
         self._url = url
         self.workspace_id = workspace_id
         self.prefix = f"{namespace}:{FORMAT_VERSION}:{{{workspace_id}}}:"
@@ -228,13 +174,20 @@ class RedisSharedLayer:
         self.max_fields = _positive_int("max_fields_per_identity", max_fields_per_identity)
         self.op_timeout = _positive("op_timeout", op_timeout)
         self.stall_tolerance = _positive("stall_tolerance", stall_tolerance)
+        self.stats = RedisStats()
+        self._conn = RedisConnection(  # imports redis: fails here, not on a request
+            url,
+            stats=self.stats,
+            op_timeout=self.op_timeout,
+            stall_tolerance=self.stall_tolerance,
+            on_connect=self._connected,
+            on_recovered=self._recovered,
+        )
         self._retention = (
             _positive("retention", retention)
             if retention is not None
             else DEFAULT_CACHE_TTL + max(DEFAULT_STALE_WHILE_REVALIDATE, DEFAULT_STALE_IF_ERROR)
         )
-        self.stats = RedisStats()
-        self._client: Any = None
         self._scripts: dict[str, Any] = {}
         self._limiter: RedisRateLimiter | None = None
         self._share = (
@@ -242,24 +195,10 @@ class RedisSharedLayer:
             if rate_limit_per_minute is not None
             else None
         )
-        self._errors: tuple[type[BaseException], ...] = (
-            self._redis.RedisError,
-            OSError,
-            TimeoutError,
-        )
-        self._timeouts: tuple[type[BaseException], ...] = (
-            self._redis.TimeoutError,
-            TimeoutError,
-        )
-        self._refusals: tuple[type[BaseException], ...] = (self._redis.ResponseError,)
-        self._failures = 0  # outages in a row: the backoff grows with them
-        self._retry_at = 0.0  # no Redis call before this (monotonic)
-        self._failing_since: float | None = None  # first failure since the last success
         self._paused_until = 0.0
         self._limited_until = 0.0
         self._pending_invalidations: deque[str] = deque(maxlen=_PENDING_INVALIDATIONS)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
         self._log = RateLimitedLog(logger)
 
     @classmethod
@@ -273,20 +212,20 @@ class RedisSharedLayer:
         budget = self.rate_limit_per_minute
         limit = "off" if budget is None else f"{budget}/{self.rate_limit_window:g}s"
         return (
-            f"RedisSharedLayer(url={_mask_url(self._url)!r}, "
+            f"RedisSharedLayer(url={mask_url(self._url)!r}, "
             f"workspace_id={self.workspace_id!r}, rate_limit={limit}, "
-            f"state={'degraded' if self._failures else 'ok'})"
+            f"state={'degraded' if self.is_degraded else 'ok'})"
         )
 
     @property
     def is_degraded(self) -> bool:
         """True during an outage (the layer then acts as if absent)."""
-        return self._failures > 0
+        return self._conn.is_degraded
 
     @property
     def retry_in(self) -> float:
         """Seconds until Redis is tried again after an outage (0: it is tried now)."""
-        return max(0.0, self._retry_at - time.monotonic())
+        return self._conn.retry_in
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -328,23 +267,7 @@ class RedisSharedLayer:
 
     # -- talking to Redis ----------------------------------------------------------------
 
-    def _usable_client(self) -> Any:
-        if self._closed or time.monotonic() < self._retry_at:
-            raise _Unavailable(down=True)
-        if self._client is None:
-            self._client = self._connect()
-        return self._client
-
-    def _connect(self) -> Any:
-        retry = importlib.import_module("redis.asyncio.retry")
-        backoff = importlib.import_module("redis.backoff")
-        client = self._redis.Redis.from_url(
-            self._url,
-            socket_connect_timeout=self.op_timeout,
-            socket_timeout=self.op_timeout * 2,
-            # No hidden retries: one timeout is the whole budget, then we degrade.
-            retry=retry.Retry(backoff.NoBackoff(), 0),
-        )
+    def _connected(self, client: Any) -> None:
         self._scripts = {
             name: client.register_script(text)
             for name, text in (
@@ -362,58 +285,8 @@ class RedisSharedLayer:
             window=self.rate_limit_window,
             margin=self.rate_limit_margin,
         )
-        return client
-
-    async def _run(self, what: str, op: Callable[[Any], Awaitable[_T]]) -> _T:
-        """One Redis operation under the timeout; failures become ``_Unavailable``."""
-        client = self._usable_client()
-        try:
-            async with asyncio.timeout(self.op_timeout):
-                result = await op(client)
-        except self._refusals as exc:
-            # The server answered (a foreign value of the wrong type, OOM...): not an
-            # outage, so no backoff; this one operation acts as a miss.
-            self.stats.l2_errors += 1
-            self._log.warning("refused-" + what, "personalize: Redis refused %s: %s", what, exc)
-            raise _Unavailable(down=False) from exc
-        except self._errors as exc:
-            raise _Unavailable(down=self._failed(what, exc)) from exc
-        self._failing_since = None
-        if self._failures:
-            self._recovered()
-        return result
-
-    def _failed(self, what: str, exc: BaseException) -> bool:
-        """Count a failure; True when it is (part of) an outage, False for a stall."""
-        self.stats.l2_errors += 1
-        now = time.monotonic()
-        if now < self._retry_at:
-            return True  # a call already in flight when the outage began
-        if self._failing_since is None:
-            self._failing_since = now
-        if isinstance(exc, self._timeouts) and now - self._failing_since < self.stall_tolerance:
-            self._log.warning(
-                "stall", "personalize: Redis did not answer %s in time; skipped", what
-            )
-            return False
-        self._failures += 1
-        backoff = min(_RETRY_BACKOFF_MIN * 2 ** (self._failures - 1), _RETRY_BACKOFF_MAX)
-        self._retry_at = now + backoff
-        self._log.warning(
-            "down",
-            "personalize: Redis unavailable during %s (%s: %s); using the in-process cache "
-            "only, retrying in %.2fs",
-            what,
-            type(exc).__name__,
-            exc,
-            backoff,
-        )
-        return True
 
     def _recovered(self) -> None:
-        logger.info("personalize: Redis reachable again; shared cache resumed")
-        self._failures = 0
-        self._retry_at = 0.0
         if self._pending_invalidations:
             self._spawn(self._flush_invalidations())
 
@@ -427,28 +300,24 @@ class RedisSharedLayer:
         keys = list(self._pending_invalidations)
         self._pending_invalidations.clear()
         try:
-            await self._run("invalidate", lambda c: c.delete(*keys))
-        except _Unavailable:
+            await self._conn.run("invalidate", lambda c: c.delete(*keys))
+        except Unavailable:
             self._pending_invalidations.extend(keys)
 
     # -- SharedLayer ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect and check Redis once; a failure is logged and degrades, never raises."""
-        with contextlib.suppress(_Unavailable):
-            await self._run("start", lambda c: c.ping())
+        with contextlib.suppress(Unavailable):
+            await self._conn.run("start", lambda c: c.ping())
 
     async def aclose(self) -> None:
-        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(*self._errors):
-                await client.aclose()
+        await self._conn.aclose()
 
     async def get(self, query: FetchQuery, keys: Collection[str]) -> dict[str, CachedExperience]:
         """Whatever L2 holds for these keys, at any age; ``{}`` when Redis is unusable."""
@@ -458,8 +327,8 @@ class RedisSharedLayer:
         key = self.data_key(query.identity_hash)
         fields = [self._field(query, k) for k in wanted]
         try:
-            values = await self._run("get", lambda c: c.hmget(key, fields))
-        except _Unavailable:
+            values = await self._conn.run("get", lambda c: c.hmget(key, fields))
+        except Unavailable:
             return {}
         return self._decode_many(wanted, values)
 
@@ -492,10 +361,10 @@ class RedisSharedLayer:
             return True
         data_key = self.data_key(query.identity_hash)
         try:
-            written = await self._run(
+            written = await self._conn.run(
                 "set", lambda c: self._scripts["set"](keys=[data_key], args=args)
             )
-        except _Unavailable:
+        except Unavailable:
             return False
         self.stats.l2_writes += int(written)
         return True
@@ -504,8 +373,8 @@ class RedisSharedLayer:
         """Forget ``identity`` in L2 (every context). Replayed later if Redis is down."""
         key = self.data_key(identity_hash(identity))
         try:
-            await self._run("invalidate", lambda c: c.delete(key))
-        except _Unavailable:
+            await self._conn.run("invalidate", lambda c: c.delete(key))
+        except Unavailable:
             self._pending_invalidations.append(key)
 
     async def coordinate(
@@ -519,8 +388,8 @@ class RedisSharedLayer:
         wanted = list(dict.fromkeys(keys))
         self._check_local_hints()
         try:
-            self._usable_client()
-        except _Unavailable:
+            self._conn.client()
+        except Unavailable:
             return await self._fetch_degraded(wanted, fetch)
         if not wanted:
             return await fetch()
@@ -534,10 +403,10 @@ class RedisSharedLayer:
         waited = False
         while True:
             try:
-                reply = await self._run(
+                reply = await self._conn.run(
                     "claim", lambda c: self._scripts["claim"](keys=claim_keys, args=claim_args)
                 )
-            except _Unavailable as exc:
+            except Unavailable as exc:
                 if exc.down:
                     return await self._fetch_degraded(wanted, fetch)
                 state = "stalled"  # ask again shortly: fetching now could duplicate a fetch
@@ -609,8 +478,8 @@ class RedisSharedLayer:
             return
         cost = math.ceil(len(keys) / FETCH_BATCH_SIZE)  # the client's calls of <= 25 keys
         try:
-            grant = await self._run("rate-limit", lambda c: limiter.acquire(cost))
-        except _Unavailable as exc:
+            grant = await self._conn.run("rate-limit", lambda c: limiter.acquire(cost))
+        except Unavailable as exc:
             if exc.down:
                 self._take_local_share(cost)
                 return
@@ -640,8 +509,8 @@ class RedisSharedLayer:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
         limiter = self._limiter
         if limiter is not None:
-            with contextlib.suppress(_Unavailable):
-                await self._run("pause", lambda c: limiter.pause(seconds))
+            with contextlib.suppress(Unavailable):
+                await self._conn.run("pause", lambda c: limiter.pause(seconds))
 
     async def _fetch_degraded(self, keys: list[str], fetch: FetchFn) -> dict[str, CachedExperience]:
         self.stats.degraded += 1
@@ -682,12 +551,12 @@ class RedisSharedLayer:
         ms = math.ceil((self.lease_ttl if outcome == DONE else min(self.lease_ttl, 1.0)) * 1000)
         for _ in range(_STALL_RETRIES):  # else waiters wait for the lease to expire
             try:
-                await self._run(
+                await self._conn.run(
                     "release",
                     lambda c: self._scripts["release"](keys=[lease], args=[token, outcome, ms]),
                 )
                 return
-            except _Unavailable as exc:
+            except Unavailable as exc:
                 if exc.down:
                     return
 
@@ -697,10 +566,10 @@ class RedisSharedLayer:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
             try:
-                kept = await self._run(
+                kept = await self._conn.run(
                     "renew", lambda c: self._scripts["renew"](keys=[lease], args=[token, ms])
                 )
-            except _Unavailable:
+            except Unavailable:
                 continue
             if not kept:
                 return

@@ -35,7 +35,7 @@ from tests.support.redis_support import (
     redis_available,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from tests.support.redis_standin import Rule, Standin
 from tests.support.redis_stores import customer
 from tests.support.redis_support import PrivateRedis, new_workspace, redis_server_binary
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 4

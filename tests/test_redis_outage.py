@@ -18,7 +18,7 @@ from tests.support.redis_standin import Standin
 from tests.support.redis_stores import KEYS, customer, layer_of, open_store, query, wait_until
 from tests.support.redis_support import PrivateRedis, new_workspace, redis_server_binary
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 
 @pytest.fixture(scope="module")

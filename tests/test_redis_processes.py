@@ -21,6 +21,8 @@ from tests.support.redis_support import (
 )
 from tests.support.redis_worker import run_workers
 
+pytestmark = pytest.mark.redis
+
 PROCESSES = 4
 
 
