@@ -280,13 +280,18 @@ def _attributes(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
+    app_backend: PersonalizeBackend | None = None
     if args.app:
-        keys = _keys_from_app(args.app)
+        keys, app_backend = _keys_from_app(args.app)
     elif args.keys_file:
         keys = _keys_from_file(args.keys_file)
     else:
         keys = list(dict.fromkeys(args.keys))
-    backend, source = _backend(args)
+    if app_backend is not None and args.file is None:
+        # The app runs in local mode: check against ITS experiences file.
+        backend, source = app_backend, "the app's local experiences"
+    else:
+        backend, source = _backend(args)
     metadata = {m.key: m for m in asyncio.run(_metadata(backend, None))}
     out = sys.stdout
     print(f"# {len(keys)} configured key(s) against {len(metadata)} from {source}", file=out)
@@ -323,7 +328,8 @@ def _keys_from_file(path: str) -> list[str]:
     return list(dict.fromkeys(line for line in lines if line))
 
 
-def _keys_from_app(spec: str) -> list[str]:
+def _keys_from_app(spec: str) -> tuple[list[str], PersonalizeBackend | None]:
+    """The app's configured keys, and its backend when it runs in local mode."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CommandError(f"--app expects MODULE:ATTR (e.g. example_app.main:app), got {spec!r}")
@@ -343,22 +349,35 @@ def _keys_from_app(spec: str) -> list[str]:
             obj = getattr(obj, part)
         except AttributeError:
             raise CommandError(f"{module_name!r} has no attribute {attr!r}") from None
-    return _keys_from_object(obj, spec)
+    middleware = _find_configured(obj)
+    local_backend = (
+        middleware.backend
+        if middleware is not None and getattr(middleware, "local_mode", False)
+        else None
+    )
+    return _keys_from_object(obj, spec), local_backend
+
+
+def _find_configured(obj: Any) -> Any:
+    """The object holding ``configured_keys``: ``obj`` or a middleware in its stack."""
+    if _configured_keys(obj) is not None:
+        return obj
+    if hasattr(obj, "user_middleware") and hasattr(obj, "build_middleware_stack"):
+        stack = getattr(obj, "middleware_stack", None) or obj.build_middleware_stack()
+        for _ in range(_MAX_APP_DEPTH):
+            if _configured_keys(stack) is not None:
+                return stack
+            if not hasattr(stack, "app"):
+                break
+            stack = stack.app
+    return None
 
 
 def _keys_from_object(obj: Any, where: str) -> list[str]:
     """Keys from a list/tuple/set of keys, a dict of route -> key(s), an object with
     ``configured_keys`` (attribute or method), or a Starlette app whose middleware has it."""
-    found = _configured_keys(obj)
-    if found is None and hasattr(obj, "user_middleware") and hasattr(obj, "build_middleware_stack"):
-        stack = getattr(obj, "middleware_stack", None) or obj.build_middleware_stack()
-        for _ in range(_MAX_APP_DEPTH):
-            found = _configured_keys(stack)
-            if found is not None or not hasattr(stack, "app"):
-                break
-            stack = stack.app
-    if found is None:
-        found = obj
+    holder = _find_configured(obj)
+    found = _configured_keys(holder) if holder is not None else obj
     keys: list[str] = []
     if isinstance(found, str):
         keys.append(found)
