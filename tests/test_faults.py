@@ -25,8 +25,16 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from personalize_middleware import Identity, PersonalizeMiddleware, PersonalizeSettings
+from personalize_middleware import (
+    Identity,
+    PersonalizeClient,
+    PersonalizeMiddleware,
+    PersonalizeSettings,
+)
+from personalize_middleware._batcher import EventBatcher
 from personalize_middleware._breaker import CircuitBreaker
+from personalize_middleware._signing import Keyring
+from personalize_middleware._tracking import Tracking
 from tests.support.faulty_upstream import Fault, FaultyUpstream, title_for, wait_until
 from tests.support.spec import validate_response
 
@@ -270,7 +278,8 @@ async def test_the_stand_in_answers_by_the_spec_and_flags_bad_requests(
         events = await client.post("/experiences/events", json={"elements": []})
         assert upstream.violations == []
         # The validation is real: a body the spec refuses is reported.
-        await client.post("/experiences/fetch", json={"identifiers": "not an object"})
+        refused = await client.post("/experiences/fetch", json={"identifiers": "not an object"})
+        assert refused.status_code == 400
     validate_response("POST", "/experiences/fetch", 200, fetched.content)
     validate_response("GET", "/experiences/metadata", 200, metadata.content)
     validate_response("POST", "/experiences/events", 200, events.content)
@@ -443,3 +452,170 @@ async def test_shutdown_with_hung_calls_is_prompt(
     assert time.monotonic() - started < 2.5
     await wait_until(lambda: upstream.hanging == 0, message="the held connections to close")
     assert_no_tracebacks(fault_logs)
+
+
+# -- events: outages, overflow, shutdown -------------------------------------------------------
+
+
+async def tracked_home(request: Request) -> Response:
+    """A page whose experiences carry tracking tokens: an impression for each and a click
+    on its button, as the template hooks would render them."""
+    handle = request.state.personalize
+    await handle.wait()
+    tracking = handle.tracking
+    tokens = [
+        token
+        for experience in handle.experiences.values()
+        for b_id in (None, "Add to Cart")
+        if (token := tracking.token_for(handle, experience, b_id)) is not None
+    ]
+    return JSONResponse(tokens)
+
+
+class TrackedSite:
+    """The page app with tracking on; its ``EventBatcher`` retries quickly so an outage of
+    a second or two is a short test. The real client is ours to close."""
+
+    def __init__(self, upstream: FaultyUpstream, **batcher_options: Any) -> None:
+        settings = PersonalizeSettings(
+            workspace_id=WORKSPACE,
+            api_secret=SECRET,
+            base_url=upstream.base_url,
+            read_timeout=READ_TIMEOUT,
+            connect_timeout=CONNECT_TIMEOUT,
+        )
+        self.upstream = upstream
+        self.backend = PersonalizeClient(settings)
+        batcher_options = {
+            "flush_interval": 0.05,
+            "backoff_initial": 0.05,
+            "backoff_max": 0.2,
+            "max_retries": 1000,
+            **batcher_options,
+        }
+        self.batcher = EventBatcher(self.backend, **batcher_options)
+        self.tracking = Tracking(
+            keyring=Keyring.from_config(SIGNING_KEY), backend=self.backend, batcher=self.batcher
+        )
+        self.middleware = PersonalizeMiddleware(
+            Starlette(routes=[Route("/", tracked_home)]),
+            backend=self.backend,
+            routes={"/": list(KEYS)},
+            identify=header_identity,
+            secret_key=SIGNING_KEY,
+            tracking=self.tracking,
+            metadata_refresh=None,
+            latency_budget=2.0,  # these tests are about events: let every page personalize
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.middleware), base_url="http://shop.test"
+        )
+
+    async def __aenter__(self) -> TrackedSite:
+        await self.middleware.startup()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.client.aclose()
+        await self.middleware.shutdown()
+        await self.backend.aclose()
+
+    async def visit(self, user: str) -> int:
+        """``user`` views the page, sees every experience and clicks each button: the
+        browser's beacon carries all of it. Returns the number of events sent."""
+        tokens = (await self.client.get("/", headers={"x-user": user})).json()
+        assert len(tokens) == 2 * len(KEYS)
+        response = await self.client.post(
+            self.tracking.events_path,
+            json={"events": tokens},
+            headers={"x-user": user, "origin": "http://shop.test"},
+        )
+        assert response.status_code == 204, response.text
+        return len(tokens)
+
+    def events_calls_settled(self) -> bool:
+        return self.upstream.calls("events") == self.batcher.stats.calls
+
+
+OUTAGE = [Fault.ERROR_500, Fault.RESET, Fault.HANG, Fault.MALFORMED_JSON, Fault.ERROR_503]
+
+
+async def test_events_during_an_outage_are_delivered_after_recovery_exactly_once(
+    upstream: FaultyUpstream,
+) -> None:
+    async with TrackedSite(upstream) as site:
+        sent = 0
+        # The events API goes through one fault after another while users keep acting.
+        for n, fault in enumerate(OUTAGE):
+            upstream.set_fault(fault, "events")
+            for i in range(8):
+                sent += await site.visit(f"user-{n}-{i}")
+            await wait_until(
+                lambda fault=fault: upstream.calls("events", fault) >= 2,  # type: ignore[misc]
+                message=f"the batcher to retry through {fault}",
+            )
+        await wait_until(lambda: upstream.hanging == 0, message="held events calls to end")
+        assert upstream.accepted_uuids == {}
+        attempted = set(upstream.attempted_uuids)
+        assert attempted  # tried, and tried again:
+        assert len(upstream.attempted_uuids) >= 2 * len(attempted)
+
+        upstream.set_fault(Fault.OK)
+        await wait_until(lambda: site.batcher.pending == 0, message="the backlog to drain")
+        await wait_until(site.events_calls_settled, message="the last events call")
+    accepted = upstream.accepted_uuids
+    assert len(accepted) == sent  # nothing lost...
+    assert attempted <= set(accepted)  # ...retries reused the uuids...
+    assert set(accepted.values()) == {1}  # ...and each was delivered exactly once
+    stats = site.batcher.stats
+    assert stats.sent == stats.queued == sent
+    assert stats.dropped == 0 and stats.retried > 0
+    assert site.tracking.stats.accepted == sent
+
+
+async def test_event_overflow_during_an_outage_is_dropped_and_counted(
+    upstream: FaultyUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "personalize_middleware")
+    upstream.set_fault(Fault.ERROR_503, "events")
+    async with TrackedSite(upstream, max_queue=20, max_elements=5) as site:
+        sent = 0
+        for i in range(10):
+            sent += await site.visit(f"crowd-{i}")
+        stats = site.batcher.stats
+        assert stats.dropped_overflow > 0
+        assert stats.queued + stats.dropped_overflow == sent
+        upstream.set_fault(Fault.OK)
+        await wait_until(lambda: site.batcher.pending == 0, message="the queue to drain")
+        await wait_until(site.events_calls_settled, message="the last events call")
+    accepted = upstream.accepted_uuids
+    assert len(accepted) == stats.sent == stats.queued  # what was queued got through...
+    assert set(accepted.values()) == {1}
+    assert stats.dropped == stats.dropped_overflow  # ...and only the overflow was lost
+    overflow_logs = [r for r in caplog.records if "event queue full" in r.getMessage()]
+    assert len(overflow_logs) == 1  # rate-limited: one line, not one per event
+
+
+async def test_shutdown_flushes_pending_events(upstream: FaultyUpstream) -> None:
+    # A long interval: without the shutdown flush, these events would still be waiting.
+    async with TrackedSite(upstream, flush_interval=3600) as site:
+        sent = sum([await site.visit(f"late-{i}") for i in range(5)])
+        assert site.batcher.pending == sent
+        assert upstream.calls("events") == 0
+    accepted = upstream.accepted_uuids
+    assert len(accepted) == sent and set(accepted.values()) == {1}
+    assert site.batcher.stats.sent == sent and site.batcher.stats.dropped == 0
+
+
+async def test_shutdown_during_an_events_outage_stops_at_its_deadline_and_counts_the_loss(
+    upstream: FaultyUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "personalize_middleware")
+    upstream.set_fault(Fault.HANG, "events")
+    async with TrackedSite(upstream, flush_interval=3600, shutdown_timeout=1.0) as site:
+        sent = sum([await site.visit(f"lost-{i}") for i in range(3)])
+        started = time.monotonic()
+    assert time.monotonic() - started < 1.0 + MARGIN + 0.5
+    assert upstream.accepted_uuids == {}
+    assert site.batcher.stats.dropped_shutdown == sent
+    assert any("not delivered before shutdown" in r.getMessage() for r in caplog.records)

@@ -209,7 +209,8 @@ class FaultyUpstream:
             return self._faults[endpoint]
 
     def release(self) -> None:
-        """Let every hung or trickling request finish now (they answer as ``OK``)."""
+        """Let every held request finish now: a hung one answers as its endpoint behaves
+        now (``OK`` if it still hangs), a trickling one sends the rest of its body."""
         loop, event = self._loop, self._release
         if loop is not None and event is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
@@ -346,17 +347,20 @@ class FaultyUpstream:
 
     async def _fetch(self, request: Request) -> Response:
         body, fault = await self._record("fetch", request)
+        identifiers = body.get("identifiers") if isinstance(body, dict) else None
+        keys = body.get("experience_key", list(self.known_keys)) if isinstance(body, dict) else None
+        if not isinstance(identifiers, dict) or not isinstance(keys, list):
+            # What the API answers a body it cannot read (the spec check flags it too).
+            return _error(400, "Invalid Field Value", "identifiers / experience_key")
+        user_identifiers = identifiers.get("user_identifiers")
+        who = identifiers.get("customer_id") or (
+            user_identifiers.get("u_em") if isinstance(user_identifiers, dict) else None
+        )
 
         def answer() -> dict[str, Any]:
-            identifiers = body.get("identifiers", {}) if isinstance(body, dict) else {}
-            who = identifiers.get("customer_id") or (identifiers.get("user_identifiers") or {}).get(
-                "u_em"
-            )
-            keys = body.get("experience_key") if isinstance(body, dict) else None
-            wanted = keys if keys is not None else list(self.known_keys)
-            return {"experiences": {key: experience_for(who, key) for key in wanted}}
+            return {"experiences": {str(key): experience_for(who, str(key)) for key in keys}}
 
-        return await self._respond(fault, request, answer)
+        return await self._respond("fetch", fault, request, answer)
 
     async def _metadata(self, request: Request) -> Response:
         _, fault = await self._record("metadata", request)
@@ -368,7 +372,7 @@ class FaultyUpstream:
             ]
             return {"metadata": {"count": len(entries), "experiences": entries}}
 
-        return await self._respond(fault, request, answer)
+        return await self._respond("metadata", fault, request, answer)
 
     async def _events(self, request: Request) -> Response:
         body, fault = await self._record("events", request)
@@ -378,10 +382,14 @@ class FaultyUpstream:
                 self._accepted.update(_event_uuids(body))
             return {"status": "success", "message": "events accepted", "req_id": "req-1"}
 
-        return await self._respond(fault, request, answer)
+        return await self._respond("events", fault, request, answer)
 
     async def _respond(
-        self, fault: Fault, request: Request, answer: Callable[[], dict[str, Any]]
+        self,
+        endpoint: str,
+        fault: Fault,
+        request: Request,
+        answer: Callable[[], dict[str, Any]],
     ) -> Response:
         if fault is Fault.OK:
             low, high = self.ok_delay
@@ -389,9 +397,13 @@ class FaultyUpstream:
                 await asyncio.sleep(random.uniform(low, high))
             return JSONResponse(answer())
         if fault is Fault.HANG:
-            if await self._hold(request):
-                return JSONResponse(answer())
-            return Response(status_code=204)  # the client left: nobody reads this
+            if not await self._hold(request):
+                return Response(status_code=204)  # the client left: nobody reads this
+            # Released: answer as the endpoint behaves now (OK if it still hangs).
+            now = self.fault(endpoint)
+            if now in (Fault.HANG, Fault.TRICKLE):
+                now = Fault.OK
+            return await self._respond(endpoint, now, request, answer)
         if fault is Fault.TRICKLE:
             return self._trickle(answer)
         if fault is Fault.ERROR_500:
