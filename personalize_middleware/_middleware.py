@@ -332,11 +332,20 @@ class PersonalizeMiddleware:
         headers: list[tuple[bytes, bytes]] = list(message.get("headers", ()))
         message["headers"] = headers
         if handle.used:
-            cache_control = _first_header(headers, b"cache-control")
-            if b"no-store" not in cache_control.lower():
+            cache_control = vary = None
+            for key, value in headers:  # one pass; usually neither header is there yet
+                if key == b"cache-control":
+                    if cache_control is None:
+                        cache_control = value
+                elif key == b"vary" and vary is None:
+                    vary = value
+            if cache_control is None:
+                headers.append((b"cache-control", b"private, no-store"))
+            elif b"no-store" not in cache_control.lower():
                 _set_header(headers, b"cache-control", b"private, no-store")
-            vary = _first_header(headers, b"vary")
-            if b"cookie" not in vary.lower():
+            if vary is None:
+                headers.append((b"vary", b"Cookie"))
+            elif b"cookie" not in vary.lower():
                 _set_header(headers, b"vary", vary + b", Cookie" if vary else b"Cookie")
         if visitor.set_cookie and visitor.visitor_id is not None:
             headers.append(
@@ -355,13 +364,6 @@ class _VisitorState:
     def __init__(self) -> None:
         self.set_cookie = False
         self.visitor_id: str | None = None
-
-
-def _first_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
-    for key, value in headers:
-        if key == name:
-            return value
-    return b""
 
 
 def _set_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> None:
