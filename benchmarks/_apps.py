@@ -7,6 +7,7 @@ every variant; what changes is what wraps it and how its three blocks get their 
 - ``personalized``: ``PersonalizeMiddleware`` (3 experiences on ``/``, tracking on) and
   the Jinja helpers (``setup_templates``): the ``{% experience %}`` tag, an impression
   hook per block, a click hook per call to action, the tracking script;
+- ``tag``: the middleware and the tag, without the tracking hooks and script;
 - ``direct``: the middleware, the page reading ``request.state.personalize`` directly;
 - ``growthbook``: no middleware, the handler evaluates 3 GrowthBook features locally
   (GrowthBook's documented per-request pattern: an instance per request, then ``destroy``).
@@ -76,7 +77,7 @@ BROWSER_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"accept-encoding", b"gzip, deflate, br"),
 )
 
-Variant = Literal["baseline", "personalized", "direct", "growthbook"]
+Variant = Literal["baseline", "personalized", "tag", "direct", "growthbook"]
 
 
 def visitor_cookie() -> str:
@@ -225,6 +226,7 @@ _PAGES: dict[str, tuple[Jinja2Templates, str]] = {
     "baseline": (PLAIN_TEMPLATES, "plain.html"),
     "growthbook": (PLAIN_TEMPLATES, "plain.html"),
     "personalized": (PERSONALIZED_TEMPLATES, "page.html"),
+    "tag": (PERSONALIZED_TEMPLATES, "tag.html"),
     "direct": (PLAIN_TEMPLATES, "direct.html"),
 }
 
@@ -264,7 +266,7 @@ def build_app(
         )
 
     middleware: list[Middleware] = []
-    if variant in ("personalized", "direct"):
+    if variant in ("personalized", "tag", "direct"):
         options.setdefault("routes", {"/": list(KEYS)})
         options.setdefault("secret_key", SECRET)
         options.setdefault("metadata_refresh", None)

@@ -4,8 +4,11 @@ middleware, and with 3 GrowthBook features evaluated locally instead."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 from starlette.types import ASGIApp
+
+from personalize_middleware._store import DEFAULT_CACHE_TTL
 
 from ._apps import BROWSER_HEADERS, Variant, build_app, visitor_cookie
 from ._asgi import Response, Timing, find_middleware, lifespan, make_scope, request, timed
@@ -16,37 +19,42 @@ __all__ = ["TARGET_ADDED_US", "run"]
 TARGET_ADDED_US = 25.0
 _LABELS = {
     "personalized": "middleware + tag + tracking hooks, cache hit",
+    "tag": "middleware + tag, no tracking hooks, cache hit",
     "direct": "middleware only (page reads the handle), cache hit",
     "growthbook": "GrowthBook SDK, 3 features evaluated locally",
 }
 
 
 async def run(*, quick: bool) -> list[Row]:
-    iterations, rounds = (500, 7) if quick else (2000, 21)
-    variants: tuple[Variant, ...] = ("baseline", "personalized", "direct", "growthbook")
+    iterations, rounds = (300, 7) if quick else (1000, 21)
+    variants: tuple[Variant, ...] = ("baseline", "personalized", "tag", "direct", "growthbook")
     apps: dict[str, ASGIApp] = {name: build_app(name) for name in variants}
     scope = make_scope("/", headers=(*BROWSER_HEADERS, (b"cookie", visitor_cookie().encode())))
     async with contextlib.AsyncExitStack() as stack:
         for app in apps.values():
             await stack.enter_async_context(lifespan(app))
         stores = []
-        for name in ("personalized", "direct"):
+        for name in ("personalized", "tag", "direct"):
             await request(apps[name], scope)  # the cold miss that fills L1
             _check_hit(name, await request(apps[name], scope))
             stores.append(find_middleware(apps[name]).store.stats)
         for name in ("baseline", "growthbook"):
             assert (await request(apps[name], scope)).status == 200, name
-        before = [(s.upstream_calls, s.hits) for s in stores]
+        before = [(s.upstream_calls, s.hits + s.stale_hits) for s in stores]
+        started = time.monotonic()
         timings = await timed(apps, scope, iterations=iterations, rounds=rounds)
-        # Every timed request must have been a cache hit, else the figure is not what it says.
+        # Every timed request must have been a cache hit, else the figure is not what it
+        # says; a long run may see the entry go stale (served, one background refresh).
+        refreshes = (time.monotonic() - started) // DEFAULT_CACHE_TTL + 1
         for stats, (calls, hits) in zip(stores, before, strict=True):
-            assert stats.upstream_calls == calls, "a timed request went upstream"
-            assert stats.hits - hits == 3 * iterations * rounds, "not every timed request hit"
+            assert stats.upstream_calls - calls <= refreshes, "a timed request went upstream"
+            served = stats.hits + stats.stale_hits - hits
+            assert served == 3 * iterations * rounds, "not every timed request hit"
     base = timings["baseline"]
     how = f"median of {rounds} interleaved rounds x {iterations} direct ASGI calls"
     rows = [_added_row(name, base, timings[name], how) for name in variants[1:]]
     mw_added = rows[0].data["added_us"]
-    gb_added = rows[2].data["added_us"]
+    gb_added = rows[3].data["added_us"]
     rows.append(
         Row(
             section="in process",
