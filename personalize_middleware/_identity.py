@@ -60,7 +60,8 @@ def default_identity(conn: HTTPConnection) -> Identity | None:
         if customer_id:
             return Identity(customer_id=customer_id)
     session = scope.get("session")
-    if isinstance(session, Mapping) and session:
+    # ``is not None`` first: isinstance against an ABC is slow, and most apps have no session.
+    if session is not None and isinstance(session, Mapping) and session:
         customer_id = _clean_id(session.get("customer_id"))
         identifiers = {
             api_name: cleaned
@@ -76,6 +77,8 @@ async def call_resolver(resolver: IdentityResolver, conn: HTTPConnection) -> Ide
     """Run a sync or async resolver; a broken resolver means anonymous, with a log line."""
     try:
         result = resolver(conn)
+        if result is None:  # anonymous, the common case: skip the awaitable check
+            return None
         if inspect.isawaitable(result):
             result = await result
     except Exception:
