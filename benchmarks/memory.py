@@ -14,9 +14,11 @@ import secrets
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import Iterable
+from typing import Any
 
 from personalize_middleware._attributes import SessionAttributes
-from personalize_middleware._models import Identity
+from personalize_middleware._models import Experience, Identity
 from personalize_middleware._store import ExperienceStore, FetchQuery
 
 from ._apps import KEYS, USER_AGENT, InstantBackend, experience_body
@@ -30,8 +32,23 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _SharedBackend(InstantBackend):
+    """Answers every user with the same Experience objects: what the store would hold if
+    it interned identical experiences (a variation is the same for all its users)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._answer: dict[str, Experience] | None = None
+
+    async def fetch_experiences(self, keys: Iterable[str], **kwargs: Any) -> dict[str, Experience]:
+        if self._answer is None:
+            self._answer = await super().fetch_experiences(keys, **kwargs)
+        return dict(self._answer)
+
+
 async def _fill(users: int, mode: str) -> dict[str, float]:
-    store = ExperienceStore(InstantBackend(), maxsize=users)
+    backend = _SharedBackend() if mode == "shared" else InstantBackend()
+    store = ExperienceStore(backend, maxsize=users)
     attributes = SessionAttributes()
     agent = USER_AGENT.encode()
     gc.collect()
@@ -75,6 +92,7 @@ async def run(*, quick: bool) -> list[Row]:
     answer = len(experience_body(KEYS, "user-00000"))
     rss = _measure(users, "rss")
     traced = _measure(users, "tracemalloc")
+    shared = _measure(users, "shared")
     return [
         Row(
             section="memory",
@@ -87,7 +105,19 @@ async def run(*, quick: bool) -> list[Row]:
                 f"{users * rss / 2**20:,.0f} MiB for {users:,} users"
             ),
             data={"rss_per_user": rss, "traced_per_user": traced, "answer_bytes": answer},
-        )
+        ),
+        Row(
+            section="memory",
+            name="per cached user if identical experiences were shared",
+            baseline=f"{answer:,} B (the API's JSON answer)",
+            measured=f"{shared / 1024:,.1f} KiB RSS",
+            ratio=shared / answer,
+            note=(
+                "the same fill with every user's answer made of the same Experience objects: "
+                "what interning identical variations in the store would save"
+            ),
+            data={"rss_per_user": shared},
+        ),
     ]
 
 
