@@ -100,14 +100,16 @@ def title_for(who: str | None, key: str) -> str:
     return f"{key}:{who}"
 
 
-def experience_for(who: str | None, key: str) -> dict[str, Any]:
-    """A spec-shaped ``experiences[key]`` for ``who``, one variable of each data type.
+def experience_for(who: str | None, key: str, medium: str = "") -> dict[str, Any]:
+    """A spec-shaped ``experiences[key]`` for ``who``, one variable of each data type;
+    ``medium`` echoes the request's ``utm_medium`` (an answer depends on the context).
 
     Numbers and booleans arrive as strings, as the real API sends them (WIRE.md)."""
     variation = zlib.crc32(f"{who}/{key}".encode()) % 3 + 1
     return {
         "payload": {
             "title": {"value": title_for(who, key), "data_type": "string"},
+            "medium": {"value": medium, "data_type": "string"},
             "count": {"value": str(variation * 10), "data_type": "number"},
             "ratio": {"value": f"{variation}.5", "data_type": "float"},
             "enabled": {"value": "true", "data_type": "boolean"},
@@ -357,8 +359,13 @@ class FaultyUpstream:
             user_identifiers.get("u_em") if isinstance(user_identifiers, dict) else None
         )
 
+        medium = body.get("utm_medium")
+        medium = medium if isinstance(medium, str) else ""
+
         def answer() -> dict[str, Any]:
-            return {"experiences": {str(key): experience_for(who, str(key)) for key in keys}}
+            return {
+                "experiences": {str(key): experience_for(who, str(key), medium) for key in keys}
+            }
 
         return await self._respond("fetch", fault, request, answer)
 
