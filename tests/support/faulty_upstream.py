@@ -15,7 +15,9 @@ Per endpoint (``"fetch"``, ``"metadata"``, ``"events"``) the stand-in answers wi
 (headers at once, then the body one byte at a time), ``ERROR_500``, ``ERROR_503``,
 ``RATE_LIMITED`` (429 with ``Retry-After``), ``MALFORMED_JSON`` (a truncated 200),
 ``HTML_ERROR`` (a proxy's 502 page), ``RESET`` (the TCP connection is reset: RST, not a
-clean close) and ``UNAUTHORIZED`` (401).
+clean close), ``UNAUTHORIZED`` (401) and ``BAD_REQUEST`` (400, the API's error fields).
+With ``echo_credentials`` every error answer repeats the request's ``Authorization``
+header and the decoded credentials, as a careless proxy might: nothing may pass them on.
 
 Every request is recorded (``requests()``, ``calls()``) and validated against the
 published spec when ``violations`` is read (a test's fixture should assert it is empty). Event
@@ -30,6 +32,7 @@ by a ``threading.Lock`` and returned as a copy.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import random
@@ -79,6 +82,7 @@ class Fault(StrEnum):
     HTML_ERROR = "html-error"
     RESET = "reset"
     UNAUTHORIZED = "401"
+    BAD_REQUEST = "400"
 
 
 @dataclass(frozen=True)
@@ -160,8 +164,10 @@ class FaultyUpstream:
         trickle_duration: float = 30.0,
         ok_delay: tuple[float, float] = (0.0, 0.0),
         known_keys: tuple[str, ...] = (),
+        echo_credentials: bool = False,
     ) -> None:
         self.workspace_id = workspace_id
+        self.echo_credentials = echo_credentials
         self.api_secret = api_secret
         self.retry_after = retry_after
         self.trickle_interval = trickle_interval
@@ -413,24 +419,37 @@ class FaultyUpstream:
             return await self._respond(endpoint, now, request, answer)
         if fault is Fault.TRICKLE:
             return self._trickle(answer)
+        echo = self._echo(request)
         if fault is Fault.ERROR_500:
-            return _error(500, "Internal Server Error", "something went wrong")
+            return _error(500, "Internal Server Error", "something went wrong" + echo)
         if fault is Fault.ERROR_503:
-            return _error(503, "Service Unavailable", "try again later")
+            return _error(503, "Service Unavailable", "try again later" + echo)
         if fault is Fault.RATE_LIMITED:
-            response = _error(429, "Too Many Requests", "rate limit exceeded")
+            response = _error(429, "Too Many Requests", "rate limit exceeded" + echo)
             response.headers["Retry-After"] = self.retry_after
             return response
         if fault is Fault.MALFORMED_JSON:
             return Response(MALFORMED_BODY, 200, media_type="application/json")
         if fault is Fault.HTML_ERROR:
-            return Response(HTML_ERROR_PAGE, 502, media_type="text/html")
+            return Response(HTML_ERROR_PAGE + echo, 502, media_type="text/html")
         if fault is Fault.UNAUTHORIZED:
-            return _error(401, "Authentication required", "invalid credentials")
+            return _error(401, "Authentication required" + echo, "invalid credentials" + echo)
+        if fault is Fault.BAD_REQUEST:
+            return _error(400, "Invalid Field Value" + echo, "DAY_OF_THE_WEEK - bad" + echo)
         if fault is Fault.RESET:
             await _reset_connection(request)
             return Response(status_code=204)  # the connection is gone: nobody reads this
         raise AssertionError(f"unhandled fault {fault}")
+
+    def _echo(self, request: Request) -> str:
+        if not self.echo_credentials:
+            return ""
+        authorization = request.headers.get("authorization", "")
+        try:
+            credentials = base64.b64decode(authorization.partition(" ")[2]).decode()
+        except ValueError:
+            credentials = "?"
+        return f" [you sent Authorization: {authorization}; credentials {credentials}]"
 
     async def _hold(self, request: Request) -> bool:
         """Wait until released (True) or until the client disconnects (False)."""
