@@ -48,6 +48,7 @@ def make_app(backend: FakeBackend) -> FastAPI:
         routes={"/products/{product_id}": ["upsell"]},
         identify=identify,
         secret_key="fastapi-secret-0123456789",
+        latency_budget=30.0,  # about correctness, not the budget: independent of load
         tracking=False,
         metadata_refresh=None,
     )

@@ -72,6 +72,9 @@ def make_app(backend: FakeBackend, **options: Any) -> Starlette:
     options.setdefault("secret_key", SECRET)
     options.setdefault("tracking", False)
     options.setdefault("metadata_refresh", None)
+    # Tests about correctness, not about the budget, must not depend on the machine's
+    # speed: a generous budget (the budget tests set their own).
+    options.setdefault("latency_budget", 30.0)
     return Starlette(
         routes=[
             Route("/", page),
