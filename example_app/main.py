@@ -59,6 +59,7 @@ def create_app(
     *,
     local_file: Path = EXPERIENCES_FILE,
     secret_key: str | None = None,
+    latency_budget: float = 0.15,
 ) -> FastAPI:
     """The shop. ``settings`` None runs on ``local_file``, the embedded local experiences."""
     secret_key = secret_key or os.environ.get("PERSONALIZE_SECRET_KEY") or _dev_secret()
@@ -121,6 +122,7 @@ def create_app(
         routes=ROUTES,
         site_keys=SITE_KEYS,
         secret_key=secret_key,
+        latency_budget=latency_budget,
         exclude_paths=["/favicon.ico"],
     )
     app.add_middleware(
