@@ -80,8 +80,13 @@ def make_app() -> Any:
             return
         path, method = scope["path"], scope["method"]
         body = await _body(receive)
+        if method == "POST" and path.startswith("/v1/"):
+            try:
+                request = json.loads(body)
+            except ValueError:  # a client gone mid-request (shutdown): nothing to answer
+                await _reply(send, 400, b'{"title":"bad request"}')
+                return
         if path == "/v1/experiences/fetch":
-            request = json.loads(body)
             state.fetch_calls += 1
             who = str(request["identifiers"].get("customer_id", "someone"))
             state.fetch_users.add(who)
@@ -89,7 +94,7 @@ def make_app() -> Any:
                 await asyncio.sleep(state.delay)
             await _reply(send, 200, experience_body(request.get("experience_key", []), who))
         elif path == "/v1/experiences/events":
-            elements = json.loads(body)["elements"]
+            elements = request["elements"]
             state.event_calls += 1
             state.event_elements += len(elements)
             state.event_actions += sum(len(e["actions"]) for e in elements)
