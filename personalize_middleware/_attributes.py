@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
@@ -115,15 +116,23 @@ class SessionAttributes:
             text = raw.decode("latin-1")
         except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
             return
-        for name, value in parse_qsl(text, keep_blank_values=False):
+        # latin-1 throughout, then UTF-8 once: parse_qsl's own UTF-8 decoding turns a bad
+        # escape such as %a0 into U+FFFD, which latin-1 cannot encode (a 500 for every
+        # page reached through such a link).
+        for raw_name, raw_value in parse_qsl(text, keep_blank_values=False, encoding="latin-1"):
+            name = raw_name.encode("latin-1").decode("utf-8", "replace")
             if name in self.query_params and name not in attrs:
-                value = value.encode("latin-1").decode("utf-8", "replace")
+                value = raw_value.encode("latin-1").decode("utf-8", "replace")
                 if value.isprintable():
                     attrs[name] = value[:_MAX_VALUE]
 
     def _client_ip(self, scope: Scope, forwarded: str | None) -> str | None:
         client = scope.get("client")
         peer: str | None = str(client[0]) if client else None
+        if peer is not None and not _is_ip(peer):
+            # "testclient" (Starlette's TestClient) or a server's socket path: the API
+            # would refuse the whole fetch with a 400 for a USER_IP_ADDRESS like that.
+            peer = None
         if not peer or not self.trusted_proxies or not self._trusted(peer):
             return peer
         if not forwarded:
@@ -145,6 +154,15 @@ class SessionAttributes:
         except ValueError:
             return False
         return any(ip in network for network in self.trusted_proxies)
+
+
+@functools.lru_cache(maxsize=4096)  # peers repeat: keep the parse off the hot path
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _headers(scope: Scope) -> tuple[str | None, str | None]:

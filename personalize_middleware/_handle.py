@@ -169,6 +169,12 @@ class Personalization:
         if remaining > 0:
             await asyncio.wait(list(self._futures.values()), timeout=remaining)
         self._collect()
+        if self._futures and self._query is not None:
+            # Budget spent and the upstream still silent: serve what stale-if-error holds
+            # rather than the defaults (the fetch goes on and fills the cache).
+            for key, experience in self._store.stale(self._query, list(self._futures)).items():
+                self._resolved[key] = experience
+                del self._futures[key]
 
     async def get(self, key: str) -> Experience | None:
         """The experience for ``key``, fetching it now if the route did not ask for it

@@ -7,10 +7,9 @@ import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from http.cookies import SimpleCookie
 from typing import Any
 
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, cookie_parser
 
 from ._models import Identity
 from ._signing import Keyring
@@ -100,18 +99,12 @@ def _cookie_value(header: str, name: str) -> str | None:
 
     On the request path for every returning visitor, so plain splitting rather than
     ``SimpleCookie`` (about 20 µs a header); headers with quoted values (our own cookie
-    never has one) still go through ``SimpleCookie`` for its unquoting. Unlike
+    never has one) go through Starlette's parser for its unquoting. Unlike
     ``SimpleCookie``, one malformed cookie of another site does not hide ours: browsers
     and Starlette's ``request.cookies`` read headers the same lenient way.
     """
     if '"' in header or "\\" in header:
-        try:
-            cookie = SimpleCookie()
-            cookie.load(header)
-        except Exception:  # a malformed Cookie header is the client's problem, not a 500
-            return None
-        morsel = cookie.get(name)
-        return None if morsel is None else morsel.value
+        return cookie_parser(header).get(name)
     found: str | None = None
     for part in header.split(";"):
         key, sep, value = part.partition("=")

@@ -352,6 +352,15 @@ class ExperienceStore:
             self._log.exception(
                 "unexpected", "personalize: unexpected error while fetching", exc_info=exc
             )
+        return self._stale_entries(query, keys)
+
+    def stale(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, Experience | None]:
+        """What stale-if-error holds for ``keys`` now, for a page whose latency budget ran
+        out while the upstream is still silent: a hang is an error the page cannot wait
+        to see, and stale content beats the defaults."""
+        return {k: e.experience for k, e in self._stale_entries(query, keys).items()}
+
+    def _stale_entries(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, CachedExperience]:
         contexts = self._l1.get(query.identity_key)
         entries = contexts.get(query.context_key) if contexts is not None else None
         if not entries:

@@ -54,7 +54,10 @@ def run_asgi_server(
 ) -> Iterator[str]:
     """Run ``app`` on ``http://127.0.0.1:<free port>`` for the ``with`` block; yields that
     base URL (no trailing slash)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto is TCP,
+    # and accepted sockets inherit proto 0 otherwise (Nagle + delayed ACK: ~40 ms a
+    # request on a kept-alive connection).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
