@@ -31,6 +31,7 @@ from ._signing import Keyring
 from ._store import (
     DEFAULT_CACHE_MAXSIZE,
     DEFAULT_CACHE_TTL,
+    DEFAULT_MAX_CONCURRENT_FETCHES,
     DEFAULT_STALE_IF_ERROR,
     DEFAULT_STALE_WHILE_REVALIDATE,
     ExperienceStore,
@@ -76,6 +77,7 @@ class PersonalizeMiddleware:
         stale_while_revalidate: float = DEFAULT_STALE_WHILE_REVALIDATE,
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
         cache_maxsize: int = DEFAULT_CACHE_MAXSIZE,
+        max_concurrent_fetches: int = DEFAULT_MAX_CONCURRENT_FETCHES,
         query_params: Sequence[str] = DEFAULT_QUERY_PARAMS,
         send_day_of_week: bool = True,
         send_time_of_day: bool = True,
@@ -97,6 +99,12 @@ class PersonalizeMiddleware:
         self.app = app
         _check_positive("latency_budget", latency_budget)
         _check_positive("cache_ttl", cache_ttl)
+        for name, count in (
+            ("cache_maxsize", cache_maxsize),
+            ("max_concurrent_fetches", max_concurrent_fetches),
+        ):
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ConfigurationError(f"{name} must be a positive integer", field=name)
         if not tracking_prefix.startswith("/") or tracking_prefix.endswith("/"):
             raise ConfigurationError(
                 "tracking_prefix must start with '/' and not end with '/'", field="tracking_prefix"
@@ -134,6 +142,7 @@ class PersonalizeMiddleware:
             stale_while_revalidate=stale_while_revalidate,
             stale_if_error=stale_if_error,
             maxsize=cache_maxsize,
+            max_concurrent_fetches=max_concurrent_fetches,
             shared=shared,
             breaker=breaker,
         )

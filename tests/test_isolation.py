@@ -155,6 +155,7 @@ def middleware(**options: Any) -> PersonalizeMiddleware:
         send_day_of_week=False,  # no hour boundary may change the context mid-test
         send_time_of_day=False,
         latency_budget=30.0,  # every page waits for its answer: a default proves nothing
+        max_concurrent_fetches=10_000,  # ... and none is shed: no default without a call
         **options,
     )
 

@@ -123,7 +123,7 @@ async def test_100_concurrent_cold_requests_of_one_user_make_one_upstream_call()
 @pytest.mark.anyio
 async def test_200_users_concurrently_each_get_their_own_variation() -> None:
     backend = FakeBackend()
-    app = make_app(backend)
+    app = make_app(backend, max_concurrent_fetches=1000)
     async with client_for(app) as client:
         users = [f"user-{i}" for i in range(200)]
         responses = await asyncio.gather(
@@ -523,3 +523,71 @@ def test_paths_that_only_share_the_prefix_are_the_apps() -> None:
     with TestClient(app) as client:
         assert client.get("/_personalizeX").text == "app's own"
         assert client.get("/_personalize/nope").status_code == 404
+
+
+@pytest.mark.anyio
+async def test_identical_answers_are_shared_between_users_but_json_payloads_are_not() -> None:
+    from personalize_middleware import Experience
+
+    class SameForEveryone(FakeBackend):
+        async def fetch_experiences(self, keys: Any, **kwargs: Any) -> dict[str, Experience]:
+            self.calls.append({"keys": list(keys), **kwargs})
+            context = {"cid": "c1", "experience": "e", "moe_variation_id": "1"}
+            return {
+                "plain": Experience.from_api(
+                    "plain",
+                    {
+                        "payload": {"t": {"value": "x", "data_type": "string"}},
+                        "experience_context": context,
+                    },
+                ),
+                "json": Experience.from_api(
+                    "json",
+                    {
+                        "payload": {"j": {"value": {"a": 1}, "data_type": "json"}},
+                        "experience_context": context,
+                    },
+                ),
+            }
+
+    backend = SameForEveryone()
+    middleware = make_middleware(backend, routes={"/": ["plain", "json"]})
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=middleware), base_url="http://t"
+    ) as client:
+        for user in ("u1", "u2"):
+            await client.get("/", headers={"x-test-user": user})
+    store = middleware.store
+    from personalize_middleware._store import FetchQuery
+
+    def cached(user: str, key: str) -> Any:
+        [contexts] = [store._l1[f"c:{user}"]]
+        [entries] = list(contexts.values())
+        return entries[key].experience
+
+    assert cached("u1", "plain") is cached("u2", "plain")
+    assert cached("u1", "json") is not cached("u2", "json")
+    assert cached("u1", "json") == cached("u2", "json")
+    assert store.stats.interned == 1
+    assert FetchQuery  # the store's key type stays importable for this white-box check
+
+
+@pytest.mark.anyio
+async def test_fetches_beyond_the_cap_render_defaults_without_a_call() -> None:
+    backend = FakeBackend()
+    backend.gate = asyncio.Event()
+    app = make_app(backend, max_concurrent_fetches=2, latency_budget=5.0)
+    async with client_for(app) as client:
+        pending = [
+            asyncio.ensure_future(client.get("/", headers={"x-test-user": u})) for u in ("a", "b")
+        ]
+        while len(backend.calls) < 2:
+            await asyncio.sleep(0)
+        shed = await client.get("/", headers={"x-test-user": "c"})  # answered at once
+        assert shed.status_code == 200 and shed.json() == {}
+        assert len(backend.calls) == 2
+        backend.gate.set()
+        served = await asyncio.gather(*pending)
+        again = await client.get("/", headers={"x-test-user": "c"})  # capacity is back
+    assert [len(r.json()) for r in served] == [3, 3]
+    assert again.json()["home-hero"] == variation_for("c", "home-hero")
