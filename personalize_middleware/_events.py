@@ -28,7 +28,7 @@ from cachetools import TTLCache
 from ._logging import RateLimitedLog
 from ._models import ACTION_CLICKED, ACTION_SHOWN, EventAction, Experience, Identity
 from ._signing import b64url_decode
-from ._tracking import InvalidTokenError, TrackingToken, decode_token
+from ._tracking import InvalidTokenError, TrackingToken, decode_tokens
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
@@ -199,16 +199,11 @@ class BeaconEndpoint:
     def _verify(self, texts: list[str], identity: Identity | None) -> list[TrackingToken] | None:
         if identity is None:
             return None
-        keyring = self._tracking.keyring
-        now = time.time()
-        tokens = []
-        for text in texts:
-            try:
-                tokens.append(decode_token(keyring, identity, text, now=now))
-            except InvalidTokenError as exc:
-                self._log.debug("bad-token", "personalize: beacon refused: %s", exc)
-                return None
-        return tokens
+        try:
+            return decode_tokens(self._tracking.keyring, identity, texts)
+        except InvalidTokenError as exc:
+            self._log.debug("bad-token", "personalize: beacon refused: %s", exc)
+            return None
 
     def _same_origin(self, scope: Scope) -> bool:
         origin = _header(scope, b"origin")

@@ -43,6 +43,7 @@ class Personalization:
         "_render_id",
         "_resolved",
         "_store",
+        "_track_cache",
         "attributes",
         "budget",
         "keys",
@@ -73,6 +74,7 @@ class Personalization:
         self._deadline = time.monotonic() + budget
         self._render_id: str | None = None
         self._active_keys = active_keys
+        self._track_cache: tuple[Identity, bytes, str] | None = None  # Tracking's per-page parts
         self.tracking = tracking
         self.used = bool(keys)
 

@@ -118,6 +118,10 @@ class Experience:
     payload: Mapping[str, Any]
     experience_context: Mapping[str, Any]
     raw_payload: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: A cache of encodings derived from the fields above (e.g. tracking's encoded
+    #: context), filled on first use by the modules that need them. Never semantic: not
+    #: an argument, not compared, not in ``repr``, ``to_api`` or the wire shape.
+    _derived: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def get(self, name: str, default: Any = None) -> Any:
         """The converted value of payload variable ``name``, or ``default``."""

@@ -3,16 +3,25 @@
 A page carries, on the element that shows an experience and on each clickable element
 inside it, a *tracking token*: who the page was rendered for, which experience, its
 ``experience_context``, the page view (render id), the click's ``b_id`` and an expiry,
-signed with the ``"track"`` key of the server's ``Keyring``. Token format::
+signed with the ``"track"`` key of the server's ``Keyring``. Token format (five fields,
+none of which can contain a dot)::
 
-    <payload>.<signature>
-    payload   = base64url(raw deflate(JSON [1, kind, key, render_id, expires, context, b_id?]))
-    signature = base64url(HMAC-SHA256(track key, sha256(identity.cache_key) || payload)[:16])
+    <experience>.<render_id>.<expires>.<element>.<signature>
+    experience = base64url(raw deflate(JSON [key, experience_context]))
+    render_id  = the page view's id ([A-Za-z0-9_-], at most 64 characters)
+    expires    = Unix time, decimal
+    element    = "s" (shown) | "c" base64url(UTF-8 b_id) (clicked)
+    signature  = base64url(HMAC-SHA256(track key, "pz-track-2" NUL || sha256(identity)
+                                       || everything before the last dot)[:16])
 
 The identity is bound through the MAC, not written into the token: the page shows no
-customer id or email, and a token replayed by another visitor fails verification.
-``kind`` is ``"s"`` (shown) or ``"c"`` (clicked), so a click token cannot be replayed as
-an impression and the ``b_id`` of a click cannot be changed.
+customer id or email, and a token replayed by another visitor fails verification. Every
+field is under the one signature, so a click cannot be renamed or passed off as an
+impression, and an experience's context cannot be swapped for another's.
+
+The parts are built where they change: the experience part once per ``Experience``
+object (kept in its derived-data cache), the identity digest, render id and expiry once
+per page view (on the handle), and per element only the element part and the HMAC.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import re
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -59,6 +69,7 @@ __all__ = [
     "TrackingStats",
     "TrackingToken",
     "decode_token",
+    "decode_tokens",
     "encode_token",
     "validate_b_id",
 ]
@@ -73,15 +84,17 @@ MAX_B_ID_LENGTH = 128
 IMPRESSION_ATTR = "data-pz-impression"
 CLICK_ATTR = "data-pz-click"
 ENDPOINT_ATTR = "data-pz-endpoint"
-_ATTR_NAMES = {n: Markup(n) for n in (IMPRESSION_ATTR, CLICK_ATTR, ENDPOINT_ATTR)}  # noqa: S704
 
 TOKEN_PURPOSE = "track"  # noqa: S105 - a key-derivation label, not a secret
-_TOKEN_VERSION = 1
-_KINDS = {"s": "shown", "c": "clicked"}
-_KIND_CODES = {v: k for k, v in _KINDS.items()}
+#: Starts every MAC input: a token of another format version never verifies.
+_MAC_LABEL = b"pz-track-2\x00"
+_IMPRESSION_PART = "s"
 _MAX_TOKEN_CHARS = 8192
-_MAX_PAYLOAD_BYTES = 16384  # inflated size cap: a signed token is ours, but stay bounded
+_MAX_CONTEXT_BYTES = 16384  # inflated size cap: a signed token is ours, but stay bounded
 _IDENTITY_LABEL = b"personalize-middleware/track-identity\x00"
+_RENDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DERIVED_KEY = "track"  # this module's entry in Experience._derived
+_CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template constants)
 
 
 class InvalidTokenError(ValueError):
@@ -106,23 +119,56 @@ def _identity_digest(identity: Identity) -> bytes:
     ).digest()
 
 
+def _mac_prefix(identity: Identity) -> bytes:
+    return _MAC_LABEL + _identity_digest(identity)
+
+
+def _experience_part(key: str, context: Mapping[str, Any]) -> str:
+    # ASCII JSON (lone surrogates from the API survive), deflated: a typical context goes
+    # from ~350 to ~215 characters for ~9 µs, paid once per Experience object.
+    raw = json.dumps([key, dict(context)], separators=(",", ":"), default=str).encode("ascii")
+    return b64url_encode(zlib.compress(raw, 9, -15))
+
+
+def _cached_experience_part(experience: Experience) -> str:
+    """The experience part, encoded once per ``Experience`` object (its fields are
+    immutable; the part holds no identity, so a shared experience can share it)."""
+    part = experience._derived.get(_DERIVED_KEY)
+    if part is None:
+        part = experience._derived[_DERIVED_KEY] = _experience_part(
+            experience.key, experience.experience_context
+        )
+    return part
+
+
+def _click_part(b_id: str) -> str:
+    return "c" + b64url_encode(b_id.encode("utf-8", "surrogatepass"))
+
+
+def _page_tail(render_id: str, expires: int) -> str:
+    if _RENDER_ID.fullmatch(render_id) is None:
+        raise ValueError("render_id must be 1 to 64 characters of [A-Za-z0-9_-]")
+    return f".{render_id}.{int(expires)}."
+
+
+def _sign(keyring: Keyring, mac_prefix: bytes, body: str) -> str:
+    return body + "." + keyring.sign(TOKEN_PURPOSE, mac_prefix + body.encode("ascii"))
+
+
 def encode_token(keyring: Keyring, identity: Identity, token: TrackingToken) -> str:
-    """Sign ``token`` for ``identity`` (see the module docstring for the format)."""
-    body: list[Any] = [
-        _TOKEN_VERSION,
-        _KIND_CODES[token.kind],
-        token.key,
-        token.render_id,
-        int(token.expires),
-        dict(token.context),
-    ]
-    if token.b_id is not None:
-        body.append(token.b_id)
-    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str).encode()
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-    payload = b64url_encode(packer.compress(raw) + packer.flush())
-    signature = keyring.sign(TOKEN_PURPOSE, _identity_digest(identity) + payload.encode("ascii"))
-    return f"{payload}.{signature}"
+    """Sign ``token`` for ``identity`` (see the module docstring for the format).
+
+    The one-off form; templates go through ``Tracking``, which reuses the parts that
+    are the same for every element of a page."""
+    element = _IMPRESSION_PART if token.kind == "shown" else None
+    if (token.b_id is None) != (element is not None):
+        raise ValueError("a click token needs a b_id, an impression token none")
+    body = (
+        _experience_part(token.key, token.context)
+        + _page_tail(token.render_id, token.expires)
+        + (element or _click_part(token.b_id or ""))
+    )
+    return _sign(keyring, _mac_prefix(identity), body)
 
 
 def decode_token(
@@ -133,52 +179,86 @@ def decode_token(
     Raises ``InvalidTokenError`` when it is not a token, was not signed by any key of
     ``keyring`` for this identity, or has expired.
     """
-    if not isinstance(text, str) or not 0 < len(text) <= _MAX_TOKEN_CHARS:
-        raise InvalidTokenError("not a token")
-    payload, dot, signature = text.partition(".")
-    if not dot or not payload or "." in signature or not payload.isascii():
-        raise InvalidTokenError("not a token")
-    data = _identity_digest(identity) + payload.encode("ascii")
-    if keyring.verify(TOKEN_PURPOSE, data, signature) is None:
-        raise InvalidTokenError("bad signature (forged, or signed for another visitor)")
-    # Only signed (our own) payloads get this far; the caps are belt and braces.
+    return decode_tokens(keyring, identity, [text], now=now)[0]
+
+
+def decode_tokens(
+    keyring: Keyring, identity: Identity, texts: Sequence[object], *, now: float | None = None
+) -> list[TrackingToken]:
+    """``decode_token`` for every token of one beacon: the identity digest is computed
+    once, each distinct experience part decoded once. Raises at the first bad token."""
+    mac_prefix = _mac_prefix(identity)
+    moment = time.time() if now is None else now
+    experiences: dict[str, tuple[str, dict[str, Any]]] = {}
+    tokens = []
+    for text in texts:
+        if not isinstance(text, str) or not 0 < len(text) <= _MAX_TOKEN_CHARS:
+            raise InvalidTokenError("not a token")
+        body, _, signature = text.rpartition(".")
+        if not body or not text.isascii() or not _canonical_signature(signature):
+            raise InvalidTokenError("not a token")
+        if keyring.verify(TOKEN_PURPOSE, mac_prefix + body.encode("ascii"), signature) is None:
+            raise InvalidTokenError("bad signature (forged, or signed for another visitor)")
+        # Only signed (our own) tokens get this far; the checks are belt and braces.
+        fields = body.split(".")
+        if len(fields) != 4:
+            raise InvalidTokenError("unexpected token fields")
+        part, render_id, expires, element = fields
+        found = experiences.get(part)
+        if found is None:
+            found = experiences[part] = _decode_experience(part)
+        if not render_id or not expires.isdigit() or len(expires) > 15:
+            raise InvalidTokenError("unexpected token fields")
+        token = TrackingToken(
+            kind="shown" if element == _IMPRESSION_PART else "clicked",
+            key=found[0],
+            context=found[1],
+            render_id=render_id,
+            expires=int(expires),
+            b_id=None if element == _IMPRESSION_PART else _decode_b_id(element),
+        )
+        if token.expires < moment:
+            raise InvalidTokenError("expired")
+        tokens.append(token)
+    return tokens
+
+
+def _canonical_signature(signature: str) -> bool:
+    # 16 bytes are 22 base64 characters whose last one carries 2 bits; the decoder ignores
+    # the other 4, so only accept them as zero: one spelling per signature (tamper-evident
+    # down to the character).
+    return len(signature) == 22 and signature[-1] in "AQgw"
+
+
+def _decode_experience(part: str) -> tuple[str, dict[str, Any]]:
     try:
         unpacker = zlib.decompressobj(-15)
-        raw = unpacker.decompress(b64url_decode(payload), _MAX_PAYLOAD_BYTES)
-        if unpacker.unconsumed_tail or not unpacker.eof:
-            raise InvalidTokenError("payload too large")
-        body = json.loads(raw)
+        raw = unpacker.decompress(b64url_decode(part), _MAX_CONTEXT_BYTES)
+        complete = unpacker.eof and not unpacker.unconsumed_tail
+        body = json.loads(raw) if complete else None
     except (ValueError, zlib.error, RecursionError) as exc:
-        raise InvalidTokenError("undecodable payload") from exc
-    token = _token_from_body(body)
-    if token.expires < (time.time() if now is None else now):
-        raise InvalidTokenError("expired")
-    return token
-
-
-def _token_from_body(body: Any) -> TrackingToken:
-    if not isinstance(body, list) or len(body) not in (6, 7) or body[0] != _TOKEN_VERSION:
-        raise InvalidTokenError("unknown token version")
-    _, kind, key, render_id, expires, context, *rest = body
-    b_id = rest[0] if rest else None
+        raise InvalidTokenError("undecodable experience part") from exc
+    if not complete:
+        raise InvalidTokenError("experience part too large or truncated")
     if (
-        kind not in _KINDS
-        or not isinstance(key, str)
-        or not isinstance(render_id, str)
-        or not isinstance(expires, int)
-        or not isinstance(context, dict)
-        or (b_id is not None and not isinstance(b_id, str))
-        or (kind == "c") != (b_id is not None)
+        not isinstance(body, list)
+        or len(body) != 2
+        or not isinstance(body[0], str)
+        or not isinstance(body[1], dict)
     ):
-        raise InvalidTokenError("unexpected token fields")
-    return TrackingToken(
-        kind="shown" if kind == "s" else "clicked",
-        key=key,
-        context=context,
-        render_id=render_id,
-        expires=expires,
-        b_id=b_id,
-    )
+        raise InvalidTokenError("unexpected experience part")
+    return body[0], body[1]
+
+
+def _decode_b_id(element: str) -> str:
+    try:
+        b_id = b64url_decode(element[1:]).decode("utf-8", "surrogatepass")
+    except ValueError as exc:
+        raise InvalidTokenError("undecodable element part") from exc
+    # The decoder skips stray characters: accept only the one spelling we write.
+    if not b_id or _click_part(b_id) != element:
+        raise InvalidTokenError("unexpected element part")
+    return b_id
 
 
 def validate_b_id(b_id: object) -> str:
@@ -294,6 +374,8 @@ class Tracking:
         )
         self.stats = TrackingStats(batcher=self.batcher.stats)
         self._log = RateLimitedLog(logger)
+        self._click_parts: dict[str, str] = {}
+        self._script_tags: dict[str, str] = {}
         script = _script()
         digest = hashlib.sha256(script).digest()
         #: ``sha256-<base64>`` of the script, for a CSP ``script-src`` (and SRI).
@@ -338,27 +420,40 @@ class Tracking:
 
     # -- template hooks ------------------------------------------------------------------------
 
+    def _page(self, handle: Personalization) -> tuple[bytes, str] | None:
+        """The parts of this page view's tokens that are the same for every element: the
+        MAC prefix (binding the identity) and ``.render_id.expires.``; ``None`` when the
+        visitor cannot be attributed (no resolved identity or no customer id)."""
+        cached = handle._track_cache
+        identity = handle.identity
+        if cached is not None and cached[0] is identity:
+            return cached[1], cached[2]
+        if identity is None or identity.api_customer_id is None:
+            self._log.debug("unattributable", "personalize: no customer id; hook left empty")
+            return None
+        tail = _page_tail(handle.render_id, int(time.time() + self.token_ttl))
+        handle._track_cache = (identity, _mac_prefix(identity), tail)
+        return handle._track_cache[1], tail
+
     def token_for(
         self, handle: Personalization, experience: Experience, b_id: str | None = None
     ) -> str | None:
         """A signed token for ``experience`` on this page view, or ``None`` when the
         visitor cannot be attributed (no resolved identity or no customer id)."""
-        identity = handle.identity
-        if identity is None or identity.api_customer_id is None:
-            self._log.debug("unattributable", "personalize: no customer id; hook left empty")
+        page = self._page(handle)
+        if page is None:
             return None
-        return encode_token(
-            self.keyring,
-            identity,
-            TrackingToken(
-                kind="shown" if b_id is None else "clicked",
-                key=experience.key,
-                context=experience.experience_context,
-                render_id=handle.render_id,
-                expires=int(time.time() + self.token_ttl),
-                b_id=b_id,
-            ),
-        )
+        element = _IMPRESSION_PART if b_id is None else self._click_part(b_id)
+        return _sign(self.keyring, page[0], _cached_experience_part(experience) + page[1] + element)
+
+    def _click_part(self, b_id: object) -> str:
+        # b_ids are template constants: validated and encoded once each (bounded).
+        part = self._click_parts.get(b_id) if type(b_id) is str else None
+        if part is None:
+            part = _click_part(validate_b_id(b_id))
+            if len(self._click_parts) < _CACHE_LIMIT:
+                self._click_parts[b_id] = part  # type: ignore[index]
+        return part
 
     def impression_attrs(self, handle: Personalization, experience: Experience) -> Markup:
         """The attribute for the element showing ``experience``. With
@@ -369,27 +464,44 @@ class Tracking:
                 self._endpoint.record_server_impression(identity, handle.render_id, experience)
             return Markup("")
         token = self.token_for(handle, experience)
-        return Markup("") if token is None else _attr(IMPRESSION_ATTR, token)
+        return Markup("") if token is None else _attr(_IMPRESSION_PREFIX, token)
 
     def click_attrs(self, handle: Personalization, experience: Experience, b_id: object) -> Markup:
         """The attribute for a clickable element inside ``experience``; ``b_id`` names it
         (``"Add to Cart"``). Raises ``TemplateUsageError`` for an invalid ``b_id``."""
-        token = self.token_for(handle, experience, validate_b_id(b_id))
-        return Markup("") if token is None else _attr(CLICK_ATTR, token)
+        element = self._click_part(b_id)
+        page = self._page(handle)
+        if page is None:
+            return Markup("")
+        body = _cached_experience_part(experience) + page[1] + element
+        return _attr(_CLICK_PREFIX, _sign(self.keyring, page[0], body))
 
     def script_tag(self, nonce: str | None = None, *, root_path: str = "") -> Markup:
         """``<script>`` for the tracking script: deferred, with an ``integrity`` hash (so a
         CSP listing ``script_hash`` allows it) and an optional CSP ``nonce``."""
-        parts = [
-            Markup(' src="{}"').format(root_path + self.script_path),
-            Markup(' integrity="{}"').format(self.script_hash),
-            _attr(ENDPOINT_ATTR, root_path + self.events_path),
-        ]
+        start = self._script_tags.get(root_path)
+        if start is None:
+            start = (
+                f'<script defer src="{_esc(root_path + self.script_path)}" '
+                f'integrity="{_esc(self.script_hash)}" '
+                f'{ENDPOINT_ATTR}="{_esc(root_path + self.events_path)}"'
+            )
+            if len(self._script_tags) < _CACHE_LIMIT:  # root_path comes from the server
+                self._script_tags[root_path] = start
         if nonce:
-            parts.append(Markup(' nonce="{}"').format(nonce))
-        return Markup("<script defer{}></script>").format(Markup("").join(parts))
+            return Markup(start + ' nonce="' + _esc(nonce) + '"></script>')  # noqa: S704
+        return Markup(start + "></script>")  # noqa: S704
 
 
-def _attr(name: str, value: str) -> Markup:
+_IMPRESSION_PREFIX = " " + IMPRESSION_ATTR + '="'
+_CLICK_PREFIX = " " + CLICK_ATTR + '="'
+
+
+def _esc(value: object) -> str:
+    # A plain str: concatenating a str with Markup would escape the str side too.
+    return str(escape(value))
+
+
+def _attr(prefix: str, value: str) -> Markup:
     # Names are module constants (valid by construction); values are always escaped.
-    return Markup(' {}="{}"').format(_ATTR_NAMES[name], escape(value))
+    return Markup(prefix + _esc(value) + '"')  # noqa: S704

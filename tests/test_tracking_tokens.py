@@ -1,25 +1,37 @@
-"""Tracking tokens: signed, bound to the visitor, expiring, rotatable, compact, no PII."""
+"""Tracking tokens: signed, bound to the visitor, expiring, rotatable, compact, no PII;
+the page-view fast path (parts cached per experience and per page) signs the same tokens."""
 
 from __future__ import annotations
 
 import json
 import time
 import zlib
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from personalize_middleware import Identity, TemplateUsageError
+from personalize_middleware import (
+    Experience,
+    ExperienceStore,
+    Identity,
+    Personalization,
+    TemplateUsageError,
+)
 from personalize_middleware._signing import Keyring, b64url_decode, b64url_encode
 from personalize_middleware._tracking import (
     InvalidTokenError,
+    Tracking,
     TrackingToken,
+    _mac_prefix,
+    _sign,
     decode_token,
+    decode_tokens,
     encode_token,
     validate_b_id,
 )
-from tests.support.tracking_helpers import context_for
+from tests.support.tracking_helpers import StaticBackend, api_experience, context_for
 
 KEYRING = Keyring(["k" * 32])
 ALICE = Identity(customer_id="alice@example.com")
@@ -59,27 +71,35 @@ def test_expired_token_is_refused() -> None:
     assert decode_token(KEYRING, ALICE, text, now=999).expires == 1000
 
 
-def test_every_changed_character_is_refused() -> None:
-    text = encode_token(KEYRING, ALICE, token(kind="clicked", b_id="Wishlist"))
-    alphabet = "ABCabc012-_."
+@pytest.mark.parametrize("render_id", [f"r-{i}" for i in range(8)])
+def test_every_changed_character_is_refused(render_id: str) -> None:
+    """Every position, every replacement character: including the signature's last
+    character, whose low bits base64 decoding would ignore (several tokens, so each
+    possible last character is met)."""
+    text = encode_token(KEYRING, ALICE, token(kind="clicked", b_id="Wishlist", render_id=render_id))
+    assert decode_token(KEYRING, ALICE, text).b_id == "Wishlist"
+    alphabet = "ABCQgwabc012-_."
     for index in range(len(text)):
-        replacement = next(c for c in alphabet if c != text[index])
-        tampered = text[:index] + replacement + text[index + 1 :]
-        with pytest.raises(InvalidTokenError):
-            decode_token(KEYRING, ALICE, tampered)
+        for replacement in alphabet.replace(text[index], ""):
+            tampered = text[:index] + replacement + text[index + 1 :]
+            with pytest.raises(InvalidTokenError):
+                decode_token(KEYRING, ALICE, tampered)
 
 
 def test_re_signed_payload_with_changed_b_id_is_refused() -> None:
-    """Editing the payload (e.g. another b_id) needs the server key."""
+    """Editing any field (another b_id, a click made an impression) needs the server key."""
     text = encode_token(KEYRING, ALICE, token(kind="clicked", b_id="Wishlist"))
-    payload, signature = text.split(".")
-    raw = zlib.decompress(b64url_decode(payload), -15)
-    body = json.loads(raw)
-    body[-1] = "Buy Now"
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-    forged = b64url_encode(packer.compress(json.dumps(body).encode()) + packer.flush())
-    with pytest.raises(InvalidTokenError):
-        decode_token(KEYRING, ALICE, f"{forged}.{signature}")
+    experience, render_id, expires, element, signature = text.split(".")
+    assert b64url_decode(element[1:]) == b"Wishlist"
+    renamed = "c" + b64url_encode(b"Buy Now")
+    for forged in (
+        f"{experience}.{render_id}.{expires}.{renamed}.{signature}",
+        f"{experience}.{render_id}.{expires}.s.{signature}",
+        f"{experience}.{render_id}.{int(expires) + 3600}.{element}.{signature}",
+        f"{experience}.other-render.{expires}.{element}.{signature}",
+    ):
+        with pytest.raises(InvalidTokenError, match="signature"):
+            decode_token(KEYRING, ALICE, forged)
     other_ring = Keyring(["o" * 32])
     with pytest.raises(InvalidTokenError):
         decode_token(KEYRING, ALICE, encode_token(other_ring, ALICE, token()))
@@ -100,63 +120,94 @@ def test_rotation_old_key_verifies_until_removed() -> None:
 def test_signature_is_purpose_separated() -> None:
     """A token's MAC is not a valid signature for another purpose (e.g. visitor cookies)."""
     text = encode_token(KEYRING, ALICE, token())
-    payload, signature = text.split(".")
-    assert KEYRING.verify("visitor", payload.encode(), signature) is None
+    body, _, signature = text.rpartition(".")
+    assert KEYRING.verify("track", _mac_prefix(ALICE) + body.encode(), signature) == 0
+    assert KEYRING.verify("visitor", _mac_prefix(ALICE) + body.encode(), signature) is None
+    assert KEYRING.verify("visitor", body.encode(), signature) is None
 
 
 def test_page_shows_no_customer_id() -> None:
     text = encode_token(KEYRING, ALICE, token())
-    payload = zlib.decompress(b64url_decode(text.split(".")[0]), -15).decode()
-    assert "alice" not in payload and "alice" not in text
+    experience = zlib.decompress(b64url_decode(text.split(".")[0]), -15).decode()
+    assert json.loads(experience) == ["hero-banner", context_for("hero-banner")]
+    assert "alice" not in experience and "alice" not in text
 
 
 def test_token_is_compact() -> None:
-    """A typical experience_context fits in well under 400 characters."""
+    """A typical experience_context fits in well under 400 characters; the longest b_id
+    (128 characters of 2-byte UTF-8) adds about 340."""
     text = encode_token(KEYRING, ALICE, token(kind="clicked", b_id="Add to Cart"))
     assert len(text) < 400
     assert text.isascii() and '"' not in text and "<" not in text
+    longest = encode_token(KEYRING, ALICE, token(kind="clicked", b_id="é" * 128))
+    assert len(longest) < 700
+
+
+V1_TOKEN = (  # the first format: <deflated JSON payload>.<signature>, never accepted now
+    "i1YyVKpWKlbSyc7LK0pSslJKzMvIzC9KVKrVUSouKcrPS1fSUTLUMTA00jEwMDQyMQAA.AAAAAAAAAAAAAAAAAAAAAA"
+)
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "abc", "a.b.c", ".sig", "payload.", "é.x", "x" * 9000, None, 42, ["a.b"]],
+    ["", "abc", "a.b.c", ".sig", "payload.", "é.x", "x" * 9000, None, 42, ["a.b"], V1_TOKEN],
 )
 def test_garbage_is_invalid(text: object) -> None:
     with pytest.raises(InvalidTokenError):
         decode_token(KEYRING, ALICE, text)
 
 
-def _sign_raw(raw: bytes) -> str:
-    """A correctly signed token around an arbitrary payload (as if our key had leaked
-    into a bug): the reader must still refuse anything that is not the token shape."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-    payload = b64url_encode(packer.compress(raw) + packer.flush())
-    from personalize_middleware._tracking import TOKEN_PURPOSE, _identity_digest
+def _deflated(raw: bytes) -> str:
+    return b64url_encode(zlib.compress(raw, 9, -15))
 
-    return f"{payload}.{KEYRING.sign(TOKEN_PURPOSE, _identity_digest(ALICE) + payload.encode())}"
+
+GOOD_PART = _deflated(json.dumps(["k", {"cid": "1"}]).encode())
+
+
+def _sign_raw(body: str) -> str:
+    """A correctly signed token around an arbitrary body (as if our key had leaked into
+    a bug): the reader must still refuse anything that is not the token shape."""
+    return _sign(KEYRING, _mac_prefix(ALICE), body)
+
+
+def test_signed_body_of_the_right_shape_reads() -> None:
+    """The control for the cases below: the same helper signs a readable token."""
+    read = decode_token(KEYRING, ALICE, _sign_raw(f"{GOOD_PART}.r.{2**40}.s"))
+    assert (read.kind, read.key, read.context, read.render_id) == ("shown", "k", {"cid": "1"}, "r")
 
 
 @pytest.mark.parametrize(
     "body",
     [
-        [2, "s", "k", "r", 2**40, {}],  # unknown version
-        [1, "x", "k", "r", 2**40, {}],  # unknown kind
-        [1, "c", "k", "r", 2**40, {}],  # click without b_id
-        [1, "s", "k", "r", 2**40, {}, "b"],  # impression with b_id
-        [1, "s", 1, "r", 2**40, {}],
-        [1, "s", "k", "r", "soon", {}],
-        [1, "s", "k", "r", 2**40, []],
-        {"v": 1},
+        f"{GOOD_PART}.r.{2**40}",  # a field missing
+        f"{GOOD_PART}.r.{2**40}.s.s",  # one too many
+        f"{GOOD_PART}.r.{2**40}.x",  # unknown element kind
+        f"{GOOD_PART}.r.{2**40}.c",  # click without b_id
+        f"{GOOD_PART}.r.{2**40}.sQg",  # impression with more after the kind
+        f"{GOOD_PART}.r.{2**40}.c!!",  # b_id not base64
+        f"{GOOD_PART}.r.{2**40}.c_w",  # b_id not UTF-8
+        f"{GOOD_PART}..{2**40}.s",  # empty render id
+        f"{GOOD_PART}.r.soon.s",  # expiry not a number
+        f"{GOOD_PART}.r.{'9' * 5000}.s",  # expiry absurdly long
+        f"{GOOD_PART}.r.-5.s",
+        f"{_deflated(json.dumps({'v': 1}).encode())}.r.{2**40}.s",  # not a list
+        f"{_deflated(json.dumps([1, {}]).encode())}.r.{2**40}.s",  # key not a string
+        f"{_deflated(json.dumps(['k', []]).encode())}.r.{2**40}.s",  # context not an object
+        f"{_deflated(json.dumps(['k', {}, 3]).encode())}.r.{2**40}.s",
+        f"{_deflated(b'not json')}.r.{2**40}.s",
+        f"{b64url_encode(json.dumps(['k', {}]).encode())}.r.{2**40}.s",  # not deflated
+        f"!!.r.{2**40}.s",
     ],
 )
-def test_signed_but_wrong_shape_is_invalid(body: object) -> None:
+def test_signed_but_wrong_shape_is_invalid(body: str) -> None:
     with pytest.raises(InvalidTokenError):
-        decode_token(KEYRING, ALICE, _sign_raw(json.dumps(body).encode()))
+        decode_token(KEYRING, ALICE, _sign_raw(body))
 
 
 def test_signed_oversized_payload_is_invalid() -> None:
-    with pytest.raises(InvalidTokenError):
-        decode_token(KEYRING, ALICE, _sign_raw(b"[" + b" " * 100_000 + b"]"))
+    bomb = _deflated(b"[" + b" " * 100_000 + b'"k",{}]')
+    with pytest.raises(InvalidTokenError, match="too large"):
+        decode_token(KEYRING, ALICE, _sign_raw(f"{bomb}.r.{2**40}.s"))
 
 
 @given(st.text(max_size=300))
@@ -174,3 +225,136 @@ def test_valid_b_ids(b_id: str) -> None:
 def test_invalid_b_ids(b_id: object) -> None:
     with pytest.raises(TemplateUsageError):
         validate_b_id(b_id)
+
+
+# -- the page-view fast path (Tracking.token_for / impression_attrs / click_attrs) -----------
+
+
+async def page_view(
+    backend: StaticBackend, store: ExperienceStore, tracking: Tracking, identity: Identity
+) -> Personalization:
+    async def identify() -> Identity:
+        return identity
+
+    handle = Personalization(
+        store=store,
+        keys=("hero", "promo"),
+        attributes={},
+        budget=2.0,
+        identity_factory=identify,
+        tracking=tracking,
+    )
+    await handle.start()
+    await handle.wait()
+    return handle
+
+
+@pytest.fixture
+def site() -> tuple[StaticBackend, ExperienceStore, Tracking]:
+    backend = StaticBackend({"hero": {"Title": "Sale"}, "promo": {"Title": "Free shipping"}})
+    return backend, ExperienceStore(backend), Tracking(keyring=KEYRING, backend=backend)
+
+
+@pytest.mark.anyio
+async def test_two_page_views_differ_only_in_the_page_part(site: tuple[Any, ...]) -> None:
+    """The experience part is encoded once per experience and reused; the render id and
+    expiry are per page view; every token verifies as what it was minted for."""
+    backend, store, tracking = site
+    first, second = [await page_view(backend, store, tracking, ALICE) for _ in range(2)]
+    hero = first.experience("hero")
+    assert hero is not None and second.experience("hero") is hero  # the cached object
+    for b_id in (None, "Add to Cart"):
+        one, two = (tracking.token_for(h, hero, b_id) for h in (first, second))
+        assert one is not None and two is not None
+        a, b = one.split("."), two.split(".")
+        assert a[0] == b[0] and a[3] == b[3]  # experience and element parts: the same
+        assert (a[1], b[1]) == (first.render_id, second.render_id) and a[1] != b[1]
+        for text, handle in ((one, first), (two, second)):
+            read = decode_token(KEYRING, ALICE, text)
+            assert (read.key, read.context, read.b_id) == ("hero", context_for("hero"), b_id)
+            assert read.render_id == handle.render_id
+            assert read.expires >= int(time.time() + tracking.token_ttl) - 5
+    # The fast path signs exactly what the one-off encoder signs.
+    read = decode_token(KEYRING, ALICE, tracking.token_for(first, hero, "Wishlist") or "")
+    assert tracking.token_for(first, hero, "Wishlist") == encode_token(KEYRING, ALICE, read)
+
+
+@pytest.mark.anyio
+async def test_experience_part_of_another_experience_is_refused(site: tuple[Any, ...]) -> None:
+    backend, store, tracking = site
+    handle = await page_view(backend, store, tracking, ALICE)
+    hero, promo = handle.experience("hero"), handle.experience("promo")
+    assert hero is not None and promo is not None
+    for b_id in (None, "Add to Cart"):
+        for_hero = (tracking.token_for(handle, hero, b_id) or "").split(".")
+        for_promo = (tracking.token_for(handle, promo, b_id) or "").split(".")
+        swapped = ".".join([for_promo[0], *for_hero[1:]])
+        with pytest.raises(InvalidTokenError, match="signature"):
+            decode_token(KEYRING, ALICE, swapped)
+        # Nor the hero's key with the promo's context, re-encoded the way we encode.
+        mixed = _deflated(
+            json.dumps(["hero", context_for("promo")], separators=(",", ":")).encode()
+        )
+        with pytest.raises(InvalidTokenError, match="signature"):
+            decode_token(KEYRING, ALICE, ".".join([mixed, *for_hero[1:]]))
+        # Both genuine tokens of the page read as what they were minted for.
+        assert decode_tokens(KEYRING, ALICE, [".".join(for_hero), ".".join(for_promo)])[1].key == (
+            "promo"
+        )
+
+
+@pytest.mark.anyio
+async def test_page_tokens_are_the_visitors_own(site: tuple[Any, ...]) -> None:
+    backend, store, tracking = site
+    alice = await page_view(backend, store, tracking, ALICE)
+    bob = await page_view(backend, store, tracking, BOB)
+    for handle, owner, other in ((alice, ALICE, BOB), (bob, BOB, ALICE)):
+        experience = handle.experience("hero")
+        assert experience is not None
+        text = tracking.token_for(handle, experience, "Add to Cart")
+        assert decode_token(KEYRING, owner, text).b_id == "Add to Cart"
+        with pytest.raises(InvalidTokenError, match="signature"):
+            decode_token(KEYRING, other, text)
+        assert "alice" not in (text or "") and "bob" not in (text or "")
+
+
+@pytest.mark.anyio
+async def test_unattributable_visitor_gets_no_token(site: tuple[Any, ...]) -> None:
+    backend, store, tracking = site
+    by_email = await page_view(backend, store, tracking, Identity(user_identifiers={"u_em": "e"}))
+    experience = by_email.experience("hero")
+    assert experience is not None
+    assert tracking.token_for(by_email, experience) is None
+    assert tracking.click_attrs(by_email, experience, "Add to Cart") == ""
+    with pytest.raises(TemplateUsageError):  # a bad b_id is still the template's mistake
+        tracking.click_attrs(by_email, experience, "")
+
+
+@pytest.mark.anyio
+async def test_click_hook_checks_every_b_id_and_keeps_few(site: tuple[Any, ...]) -> None:
+    backend, store, tracking = site
+    handle = await page_view(backend, store, tracking, ALICE)
+    hero = handle.experience("hero")
+    assert hero is not None
+    b_ids = [f"button {i}" for i in range(300)]
+    attrs = [tracking.click_attrs(handle, hero, b_id) for b_id in b_ids * 2]
+    texts = [str(a).split('"')[1] for a in attrs]
+    assert [t.b_id for t in decode_tokens(KEYRING, ALICE, texts)] == b_ids * 2
+    assert len(tracking._click_parts) <= 256
+    for bad in ("", "x" * 129, "a\nb", ["a"], {"a": 1}, None):
+        with pytest.raises(TemplateUsageError):
+            tracking.click_attrs(handle, hero, bad)
+
+
+@pytest.mark.anyio
+async def test_derived_encoding_is_not_part_of_the_experience(site: tuple[Any, ...]) -> None:
+    backend, store, tracking = site
+    handle = await page_view(backend, store, tracking, ALICE)
+    hero = handle.experience("hero")
+    assert hero is not None
+    fresh = Experience.from_api("hero", api_experience("hero", {"Title": "Sale"}))
+    before = repr(hero)
+    assert tracking.token_for(handle, hero) is not None
+    assert hero._derived and not fresh._derived  # the cache is filled on first use
+    assert hero == fresh and repr(hero) == before == repr(fresh)
+    assert hero.to_api() == fresh.to_api()
