@@ -30,6 +30,7 @@ DEFAULT_VISITOR_MAX_AGE = 365 * 24 * 3600
 DEFAULT_SESSION_IDENTIFIER_KEYS: Mapping[str, str] = {"u_em": "email", "u_mb": "mobile"}
 _VISITOR_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _MAX_ID_LENGTH = 256
+_VERIFIED_CACHE_SIZE = 16384
 
 IdentityResolver = Callable[[HTTPConnection], "Identity | Awaitable[Identity | None] | None"]
 
@@ -120,7 +121,7 @@ class VisitorCookie:
     visitor cannot adopt another's id, and thereby their variations, by sending it.
     """
 
-    __slots__ = ("_keyring", "max_age", "name")
+    __slots__ = ("_keyring", "_verified", "max_age", "name")
 
     def __init__(
         self,
@@ -132,6 +133,9 @@ class VisitorCookie:
         self._keyring = keyring
         self.name = name
         self.max_age = max_age
+        # Cookie values already verified (the same string always verifies the same way):
+        # a returning visitor costs a dict lookup instead of an HMAC. Bounded.
+        self._verified: dict[str, tuple[str, bool]] = {}
 
     def read(self, cookie_header: str | None) -> tuple[str | None, bool]:
         """(visitor id, needs re-signing) from a Cookie header; ``(None, False)`` when absent
@@ -141,13 +145,20 @@ class VisitorCookie:
         value = _cookie_value(cookie_header, self.name)
         if value is None:
             return None, False
+        known = self._verified.get(value)
+        if known is not None:
+            return known
         visitor_id, _, signature = value.rpartition(".")
         if not _VISITOR_ID_RE.match(visitor_id):
             return None, False
         index = self._keyring.verify("visitor", visitor_id.encode("ascii"), signature)
         if index is None:
-            return None, False
-        return visitor_id, index > 0
+            return None, False  # forgeries are not remembered: they cannot fill the cache
+        result = (visitor_id, index > 0)
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[value] = result
+        return result
 
     def new_id(self) -> str:
         return secrets.token_urlsafe(16)
