@@ -152,6 +152,7 @@ def _page_tail(render_id: str, expires: int) -> str:
 
 
 def _sign(keyring: Keyring, mac_prefix: bytes, body: str) -> str:
+    # The same as the last lines of Tracking._token (inlined there: it runs per element).
     return body + "." + keyring.sign(TOKEN_PURPOSE, mac_prefix + body.encode("ascii"))
 
 
@@ -375,7 +376,7 @@ class Tracking:
         self.stats = TrackingStats(batcher=self.batcher.stats)
         self._log = RateLimitedLog(logger)
         self._click_parts: dict[str, str] = {}
-        self._script_tags: dict[str, str] = {}
+        self._script_tags: dict[str, tuple[str, Markup]] = {}
         script = _script()
         digest = hashlib.sha256(script).digest()
         #: ``sha256-<base64>`` of the script, for a CSP ``script-src`` (and SRI).
@@ -420,31 +421,37 @@ class Tracking:
 
     # -- template hooks ------------------------------------------------------------------------
 
-    def _page(self, handle: Personalization) -> tuple[bytes, str] | None:
+    def _new_page(self, handle: Personalization) -> tuple[Identity, bytes, str] | None:
         """The parts of this page view's tokens that are the same for every element: the
-        MAC prefix (binding the identity) and ``.render_id.expires.``; ``None`` when the
-        visitor cannot be attributed (no resolved identity or no customer id)."""
-        cached = handle._track_cache
+        MAC prefix (binding the identity) and ``.render_id.expires.``, kept on the handle;
+        ``None`` when the visitor cannot be attributed (no resolved identity or no
+        customer id)."""
         identity = handle.identity
-        if cached is not None and cached[0] is identity:
-            return cached[1], cached[2]
         if identity is None or identity.api_customer_id is None:
             self._log.debug("unattributable", "personalize: no customer id; hook left empty")
             return None
         tail = _page_tail(handle.render_id, int(time.time() + self.token_ttl))
-        handle._track_cache = (identity, _mac_prefix(identity), tail)
-        return handle._track_cache[1], tail
+        page = handle._track_cache = (identity, _mac_prefix(identity), tail)
+        return page
+
+    def _token(self, handle: Personalization, experience: Experience, element: str) -> str | None:
+        # The per-element work: look up the cached parts, concatenate, one HMAC.
+        page = handle._track_cache
+        if page is None or page[0] is not handle.identity:
+            page = self._new_page(handle)
+            if page is None:
+                return None
+        part = experience._derived.get(_DERIVED_KEY) or _cached_experience_part(experience)
+        body = part + page[2] + element
+        return body + "." + self.keyring.sign(TOKEN_PURPOSE, page[1] + body.encode("ascii"))
 
     def token_for(
         self, handle: Personalization, experience: Experience, b_id: str | None = None
     ) -> str | None:
         """A signed token for ``experience`` on this page view, or ``None`` when the
         visitor cannot be attributed (no resolved identity or no customer id)."""
-        page = self._page(handle)
-        if page is None:
-            return None
         element = _IMPRESSION_PART if b_id is None else self._click_part(b_id)
-        return _sign(self.keyring, page[0], _cached_experience_part(experience) + page[1] + element)
+        return self._token(handle, experience, element)
 
     def _click_part(self, b_id: object) -> str:
         # b_ids are template constants: validated and encoded once each (bounded).
@@ -462,37 +469,35 @@ class Tracking:
             identity = handle.identity
             if identity is not None:
                 self._endpoint.record_server_impression(identity, handle.render_id, experience)
-            return Markup("")
-        token = self.token_for(handle, experience)
-        return Markup("") if token is None else _attr(_IMPRESSION_PREFIX, token)
+            return _EMPTY
+        token = self._token(handle, experience, _IMPRESSION_PART)
+        return _EMPTY if token is None else _attr(_IMPRESSION_PREFIX, token)
 
     def click_attrs(self, handle: Personalization, experience: Experience, b_id: object) -> Markup:
         """The attribute for a clickable element inside ``experience``; ``b_id`` names it
         (``"Add to Cart"``). Raises ``TemplateUsageError`` for an invalid ``b_id``."""
-        element = self._click_part(b_id)
-        page = self._page(handle)
-        if page is None:
-            return Markup("")
-        body = _cached_experience_part(experience) + page[1] + element
-        return _attr(_CLICK_PREFIX, _sign(self.keyring, page[0], body))
+        token = self._token(handle, experience, self._click_part(b_id))
+        return _EMPTY if token is None else _attr(_CLICK_PREFIX, token)
 
     def script_tag(self, nonce: str | None = None, *, root_path: str = "") -> Markup:
         """``<script>`` for the tracking script: deferred, with an ``integrity`` hash (so a
         CSP listing ``script_hash`` allows it) and an optional CSP ``nonce``."""
-        start = self._script_tags.get(root_path)
-        if start is None:
+        tags = self._script_tags.get(root_path)
+        if tags is None:
             start = (
                 f'<script defer src="{_esc(root_path + self.script_path)}" '
                 f'integrity="{_esc(self.script_hash)}" '
                 f'{ENDPOINT_ATTR}="{_esc(root_path + self.events_path)}"'
             )
+            tags = (start, Markup(start + "></script>"))  # noqa: S704 - built escaped
             if len(self._script_tags) < _CACHE_LIMIT:  # root_path comes from the server
-                self._script_tags[root_path] = start
+                self._script_tags[root_path] = tags
         if nonce:
-            return Markup(start + ' nonce="' + _esc(nonce) + '"></script>')  # noqa: S704
-        return Markup(start + "></script>")  # noqa: S704
+            return Markup(tags[0] + ' nonce="' + _esc(nonce) + '"></script>')  # noqa: S704
+        return tags[1]
 
 
+_EMPTY = Markup("")
 _IMPRESSION_PREFIX = " " + IMPRESSION_ATTR + '="'
 _CLICK_PREFIX = " " + CLICK_ATTR + '="'
 
@@ -504,4 +509,5 @@ def _esc(value: object) -> str:
 
 def _attr(prefix: str, value: str) -> Markup:
     # Names are module constants (valid by construction); values are always escaped.
-    return Markup(prefix + _esc(value) + '"')  # noqa: S704
+    # (str.join takes the escaped Markup as the str it is; "+" would escape the prefix.)
+    return Markup("".join((prefix, escape(value), '"')))  # noqa: S704

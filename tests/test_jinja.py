@@ -154,6 +154,21 @@ async def test_nested_if_else_and_scoping(is_async: bool) -> None:
 
 @both
 @pytest.mark.anyio
+async def test_tag_in_a_loop_keeps_outer_names_and_matches_empty_payloads(is_async: bool) -> None:
+    """Keys from a loop variable, an outer variable of the same name kept, and an
+    experience with no payload variables still a match (its body, not the default)."""
+    backend = StaticBackend({**EXPERIENCES, "empty": {}})
+    handle = await make_handle(("hero", "empty", "xss"), backend=backend)
+    source = """\
+{% set e = "outer" %}{% for k in ["hero", "nope", "empty"] %}\
+{% experience k as e %}[{{ k }}:{{ e.get("Title", "-") }}]{% else %}[{{ k }}:default]\
+{% endexperience %}{% endfor %}|{{ e }}"""
+    out = await render(source, handle, is_async=is_async)
+    assert out == "[hero:Summer sale][nope:default][empty:-]|outer"
+
+
+@both
+@pytest.mark.anyio
 async def test_typed_values_with_defaults(is_async: bool) -> None:
     source = """\
 {% experience "hero" as hero %}\
@@ -288,6 +303,24 @@ async def test_script_tag_with_nonce_and_root_path() -> None:
         f'<script defer src="{path}" integrity="{handle.tracking.script_hash}" '
         'data-pz-endpoint="/_personalize/events" nonce="a&#34;b"></script>'
     )
+
+
+def test_script_tag_per_root_path_and_nonce() -> None:
+    """The tag is built once per root path; a nonce never sticks to the cached tag; paths
+    are escaped; odd root paths cannot grow the cache without bound."""
+    tracking = Tracking(keyring=KEYRING, backend=StaticBackend({}))
+    plain = tracking.script_tag()
+    assert plain == tracking.script_tag() and "nonce" not in plain
+    with_nonce = tracking.script_tag("n-1")
+    assert with_nonce == str(plain).replace("></script>", ' nonce="n-1"></script>')
+    assert "nonce" not in tracking.script_tag()
+    mounted = tracking.script_tag(root_path='/shop"<x>')
+    assert 'src="/shop&#34;&lt;x&gt;/_personalize/personalize.' in mounted
+    assert 'data-pz-endpoint="/shop&#34;&lt;x&gt;/_personalize/events"' in mounted
+    for i in range(1000):
+        assert f'src="/p{i}/_personalize/' in tracking.script_tag(root_path=f"/p{i}")
+    assert len(tracking._script_tags) <= 256
+    assert tracking.script_tag() == plain
 
 
 # -- compile-time errors -------------------------------------------------------------------
