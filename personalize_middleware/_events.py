@@ -19,8 +19,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cachetools import TTLCache
@@ -91,6 +91,8 @@ class BeaconEndpoint:
         self._seen: TTLCache[str, bool] = TTLCache(
             maxsize=replay_cache_size, ttl=tracking.token_ttl + 60
         )
+        # Experience parts of verified tokens, decoded (see decode_tokens; bounded there).
+        self._decoded_experiences: dict[str, tuple[str, Mapping[str, Any]]] = {}
         self._script = script
         self._etag = b'"' + tracking.script_path.rsplit(".", 2)[-2].encode() + b'"'
         self._log = RateLimitedLog(logger)
@@ -200,7 +202,9 @@ class BeaconEndpoint:
         if identity is None:
             return None
         try:
-            return decode_tokens(self._tracking.keyring, identity, texts)
+            return decode_tokens(
+                self._tracking.keyring, identity, texts, decoded=self._decoded_experiences
+            )
         except InvalidTokenError as exc:
             self._log.debug("bad-token", "personalize: beacon refused: %s", exc)
             return None

@@ -37,6 +37,7 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from markupsafe import Markup, escape
@@ -95,6 +96,7 @@ _IDENTITY_LABEL = b"personalize-middleware/track-identity\x00"
 _RENDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DERIVED_KEY = "track"  # this module's entry in Experience._derived
 _CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template constants)
+_DECODED_LIMIT = 1024  # experience parts the endpoint keeps decoded
 
 
 class InvalidTokenError(ValueError):
@@ -184,13 +186,22 @@ def decode_token(
 
 
 def decode_tokens(
-    keyring: Keyring, identity: Identity, texts: Sequence[object], *, now: float | None = None
+    keyring: Keyring,
+    identity: Identity,
+    texts: Sequence[object],
+    *,
+    now: float | None = None,
+    decoded: dict[str, tuple[str, Mapping[str, Any]]] | None = None,
 ) -> list[TrackingToken]:
     """``decode_token`` for every token of one beacon: the identity digest is computed
-    once, each distinct experience part decoded once. Raises at the first bad token."""
+    once, each distinct experience part decoded once. Raises at the first bad token.
+
+    ``decoded`` memoizes experience parts across calls (the endpoint keeps one: the same
+    experiences come back in every visitor's beacons); only parts of verified tokens
+    enter it, and it is emptied when it reaches 1,024 entries."""
     mac_prefix = _mac_prefix(identity)
     moment = time.time() if now is None else now
-    experiences: dict[str, tuple[str, dict[str, Any]]] = {}
+    experiences = {} if decoded is None else decoded
     tokens = []
     for text in texts:
         if not isinstance(text, str) or not 0 < len(text) <= _MAX_TOKEN_CHARS:
@@ -207,7 +218,10 @@ def decode_tokens(
         part, render_id, expires, element = fields
         found = experiences.get(part)
         if found is None:
-            found = experiences[part] = _decode_experience(part)
+            found = _decode_experience(part)
+            if len(experiences) >= _DECODED_LIMIT:
+                experiences.clear()
+            experiences[part] = found
         if not render_id or not expires.isdigit() or len(expires) > 15:
             raise InvalidTokenError("unexpected token fields")
         token = TrackingToken(
@@ -231,7 +245,7 @@ def _canonical_signature(signature: str) -> bool:
     return len(signature) == 22 and signature[-1] in "AQgw"
 
 
-def _decode_experience(part: str) -> tuple[str, dict[str, Any]]:
+def _decode_experience(part: str) -> tuple[str, Mapping[str, Any]]:
     try:
         unpacker = zlib.decompressobj(-15)
         raw = unpacker.decompress(b64url_decode(part), _MAX_CONTEXT_BYTES)
@@ -248,7 +262,7 @@ def _decode_experience(part: str) -> tuple[str, dict[str, Any]]:
         or not isinstance(body[1], dict)
     ):
         raise InvalidTokenError("unexpected experience part")
-    return body[0], body[1]
+    return body[0], MappingProxyType(body[1])  # read-only: it may be shared (memoized)
 
 
 def _decode_b_id(element: str) -> str:

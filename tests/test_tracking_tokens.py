@@ -358,3 +358,24 @@ async def test_derived_encoding_is_not_part_of_the_experience(site: tuple[Any, .
     assert hero._derived and not fresh._derived  # the cache is filled on first use
     assert hero == fresh and repr(hero) == before == repr(fresh)
     assert hero.to_api() == fresh.to_api()
+
+
+def test_decoded_experience_memo_holds_only_verified_parts_and_stays_bounded() -> None:
+    memo: dict[str, Any] = {}
+    alice_token = encode_token(KEYRING, ALICE, token())
+    # Bob's token read as Alice's fails before its experience part is decoded.
+    with pytest.raises(InvalidTokenError, match="signature"):
+        decode_tokens(
+            KEYRING, ALICE, [encode_token(KEYRING, BOB, token(key="other"))], decoded=memo
+        )
+    assert memo == {}
+    first = decode_tokens(KEYRING, ALICE, [alice_token], decoded=memo)[0]
+    assert list(memo) == [alice_token.split(".")[0]]
+    again = decode_tokens(KEYRING, BOB, [encode_token(KEYRING, BOB, token())], decoded=memo)[0]
+    assert again.context is first.context and again.context == context_for("hero-banner")
+    with pytest.raises(TypeError):  # shared between beacons, so read-only
+        again.context["cid"] = "changed"  # type: ignore[index]
+    many = [encode_token(KEYRING, ALICE, token(key=f"k{i}")) for i in range(1100)]
+    read = decode_tokens(KEYRING, ALICE, many, decoded=memo)
+    assert [t.key for t in read] == [f"k{i}" for i in range(1100)]
+    assert 0 < len(memo) <= 1024
