@@ -591,3 +591,22 @@ async def test_fetches_beyond_the_cap_render_defaults_without_a_call() -> None:
         again = await client.get("/", headers={"x-test-user": "c"})  # capacity is back
     assert [len(r.json()) for r in served] == [3, 3]
     assert again.json()["home-hero"] == variation_for("c", "home-hero")
+
+
+def test_a_malformed_cookie_of_another_site_does_not_hide_the_visitor_cookie() -> None:
+    """Regression: SimpleCookie gave up on the whole header, so the visitor got a new id
+    (and maybe another variation) on every page."""
+    backend = FakeBackend()
+    app = make_app(backend)
+    with TestClient(app) as client:
+        client.get("/")
+        ours = client.cookies["pm_vid"]
+    for header in (
+        f'other="a b; pm_vid={ours}',
+        f"broken cookie with spaces; pm_vid={ours}; x=[1,2]",
+        f'pm_vid={ours}; quoted="va\\"lue"',
+    ):
+        with TestClient(app) as fresh:
+            response = fresh.get("/", headers={"cookie": header})
+        assert "set-cookie" not in response.headers, header
+    assert len({c["customer_id"] for c in backend.calls}) == 1
