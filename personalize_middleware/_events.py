@@ -28,7 +28,7 @@ from cachetools import TTLCache
 from ._logging import RateLimitedLog
 from ._models import ACTION_CLICKED, ACTION_SHOWN, EventAction, Experience, Identity
 from ._signing import b64url_decode
-from ._tracking import InvalidTokenError, TrackingToken, decode_tokens
+from ._tokens import InvalidTokenError, TrackingToken, decode_tokens
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send

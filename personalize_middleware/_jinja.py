@@ -37,7 +37,7 @@ from starlette.responses import HTMLResponse
 from ._exceptions import TemplateUsageError
 from ._handle import Personalization, current_personalization
 from ._models import Experience
-from ._tracking import validate_b_id
+from ._tokens import validate_b_id
 
 if TYPE_CHECKING:
     import jinja2
