@@ -23,6 +23,7 @@ logger = logging.getLogger("personalize_middleware")
 
 _DERIVE_LABEL = b"personalize-middleware/v1/"
 _SIG_BYTES = 16  # 128-bit truncated HMAC-SHA256: plenty against forgery, short cookies
+_SIG_CHARS = 22  # len(b64url_encode(16 bytes))
 
 
 # What base64.urlsafe_b64encode / urlsafe_b64decode do, minus their wrapper layers (these
@@ -124,15 +125,14 @@ class Keyring:
         return b64url_encode(self._mac(self._keys[0], purpose, data))
 
     def verify(self, purpose: str, data: bytes, signature: str) -> int | None:
-        """Index of the key that signed ``data`` (0 = newest), or ``None`` if none did."""
-        try:
-            given = b64url_decode(signature)
-        except ValueError:
-            return None
-        if len(given) != _SIG_BYTES:
+        """Index of the key that signed ``data`` (0 = newest), or ``None`` if none did.
+
+        Only the canonical spelling verifies: base64 decoding would ignore the low bits of
+        the last character, so signatures are compared as text, not as decoded bytes."""
+        if len(signature) != _SIG_CHARS or not signature.isascii():
             return None
         for index, key in enumerate(self._keys):
-            if hmac.compare_digest(self._mac(key, purpose, data), given):
+            if hmac.compare_digest(b64url_encode(self._mac(key, purpose, data)), signature):
                 return index
         return None
 

@@ -610,3 +610,17 @@ def test_a_malformed_cookie_of_another_site_does_not_hide_the_visitor_cookie() -
             response = fresh.get("/", headers={"cookie": header})
         assert "set-cookie" not in response.headers, header
     assert len({c["customer_id"] for c in backend.calls}) == 1
+
+
+def test_only_the_canonical_spelling_of_a_cookie_signature_verifies() -> None:
+    """base64 ignores the low bits of the last character: 'A'..'D' decode alike."""
+    from personalize_middleware._signing import Keyring
+
+    keyring = Keyring([SECRET])
+    signature = keyring.sign("visitor", b"someone")
+    assert keyring.verify("visitor", b"someone", signature) == 0
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    variants = [signature[:-1] + c for c in alphabet if c != signature[-1]]
+    assert all(keyring.verify("visitor", b"someone", v) is None for v in variants)
+    assert keyring.verify("visitor", b"someone", signature + "=") is None
+    assert keyring.verify("visitor", b"someone", "é" * 22) is None
