@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._backend import PersonalizeBackend
+from ._config import positive_number
 from ._exceptions import APIError, AuthenticationError, BadRequestError, ConfigurationError
 from ._logging import RateLimitedLog
 from ._models import EventAction, EventElement
@@ -126,8 +127,7 @@ class EventBatcher:
             ("call_timeout", call_timeout),
             ("shutdown_timeout", shutdown_timeout),
         ):
-            if value <= 0:
-                raise ConfigurationError(f"{name} must be positive", field=name)
+            positive_number(name, value)
         self.backend = backend
         self.max_queue = max_queue
         self.max_elements = max_elements

@@ -18,6 +18,8 @@ __all__ = [
     "DEFAULT_READ_TIMEOUT",
     "PersonalizeSettings",
     "mask_secret",
+    "positive_int",
+    "positive_number",
 ]
 
 DATA_CENTERS: tuple[str, ...] = ("01", "02", "03", "04", "05", "06", "101")
@@ -33,6 +35,20 @@ _ENV_BASE_URL = "MOENGAGE_BASE_URL"
 _ENV_REDIS_URL = "MOENGAGE_REDIS_URL"
 
 _WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+
+
+def positive_number(name: str, value: Any) -> float:
+    """``value`` as a float if it is a positive number; else a ConfigurationError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number", field=name)
+    return float(value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an integer >= 1; else a ConfigurationError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer", field=name)
+    return value
 
 
 def mask_secret(secret: str | None) -> str:
@@ -82,18 +98,9 @@ class PersonalizeSettings:
                     f"base_url must be an http(s) URL, got {self.base_url!r}", field="base_url"
                 )
             object.__setattr__(self, "base_url", url)
-        for name in ("connect_timeout", "read_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise ConfigurationError(f"{name} must be a positive number", field=name)
-        if (
-            not isinstance(self.max_connections, int)
-            or isinstance(self.max_connections, bool)
-            or self.max_connections < 1
-        ):
-            raise ConfigurationError(
-                "max_connections must be a positive integer", field="max_connections"
-            )
+        positive_number("connect_timeout", self.connect_timeout)
+        positive_number("read_timeout", self.read_timeout)
+        positive_int("max_connections", self.max_connections)
         if self.redis_url is not None and not re.match(r"^rediss?://|^unix://", self.redis_url):
             raise ConfigurationError(
                 "redis_url must start with redis://, rediss:// or unix://", field="redis_url"

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._attributes import DEFAULT_QUERY_PARAMS, SessionAttributes
 from ._backend import PersonalizeBackend
 from ._breaker import CircuitBreaker
-from ._config import PersonalizeSettings
+from ._config import PersonalizeSettings, positive_int, positive_number
 from ._exceptions import ConfigurationError
 from ._handle import Personalization, current_personalization
 from ._identity import (
@@ -97,14 +97,10 @@ class PersonalizeMiddleware:
         exclude_paths: Sequence[str] = (),
     ) -> None:
         self.app = app
-        _check_positive("latency_budget", latency_budget)
-        _check_positive("cache_ttl", cache_ttl)
-        for name, count in (
-            ("cache_maxsize", cache_maxsize),
-            ("max_concurrent_fetches", max_concurrent_fetches),
-        ):
-            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                raise ConfigurationError(f"{name} must be a positive integer", field=name)
+        positive_number("latency_budget", latency_budget)
+        positive_number("cache_ttl", cache_ttl)
+        positive_int("cache_maxsize", cache_maxsize)
+        positive_int("max_concurrent_fetches", max_concurrent_fetches)
         if not tracking_prefix.startswith("/") or tracking_prefix.endswith("/"):
             raise ConfigurationError(
                 "tracking_prefix must start with '/' and not end with '/'", field="tracking_prefix"
@@ -392,8 +388,3 @@ def _cookie_header(scope: Scope) -> str | None:
         if name == b"cookie":
             return str(value.decode("latin-1"))
     return None
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number of seconds", field=name)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ._breaker import DEFAULT_MAX_RETRY_AFTER, CircuitOpenError
 from ._client import FETCH_BATCH_SIZE
-from ._config import PersonalizeSettings
+from ._config import PersonalizeSettings, positive_int, positive_number
 from ._exceptions import APIError, ConfigurationError, RateLimitedError
 from ._logging import RateLimitedLog
 from ._models import Identity
@@ -99,18 +99,6 @@ class _StoredEntries(dict[str, CachedExperience]):
         self.retention = retention
 
 
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{name} must be a positive number", field=name)
-    return float(value)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive integer", field=name)
-    return value
-
-
 class RedisSharedLayer:
     """A Redis-backed ``SharedLayer``: shared cache, single-flight and rate budget.
 
@@ -151,7 +139,7 @@ class RedisSharedLayer:
                     f"{name} must be 1-128 letters, digits, '_' or '-'", field=name
                 )
         if rate_limit_per_minute is not None:
-            _positive_int("rate_limit_per_minute", rate_limit_per_minute)
+            positive_int("rate_limit_per_minute", rate_limit_per_minute)
         if rate_limit_margin is not None and (
             isinstance(rate_limit_margin, bool)
             or not isinstance(rate_limit_margin, int | float)
@@ -164,16 +152,16 @@ class RedisSharedLayer:
         self.workspace_id = workspace_id
         self.prefix = f"{namespace}:{FORMAT_VERSION}:{{{workspace_id}}}:"
         self.rate_limit_per_minute = rate_limit_per_minute
-        self.rate_limit_window = _positive("rate_limit_window", rate_limit_window)
+        self.rate_limit_window = positive_number("rate_limit_window", rate_limit_window)
         self.rate_limit_margin = (
             self.rate_limit_window / 30 if rate_limit_margin is None else float(rate_limit_margin)
         )
-        self.lease_ttl = _positive("lease_ttl", lease_ttl)
-        self.max_wait = _positive("max_wait", max_wait)
-        self.max_value_bytes = _positive_int("max_value_bytes", max_value_bytes)
-        self.max_fields = _positive_int("max_fields_per_identity", max_fields_per_identity)
-        self.op_timeout = _positive("op_timeout", op_timeout)
-        self.stall_tolerance = _positive("stall_tolerance", stall_tolerance)
+        self.lease_ttl = positive_number("lease_ttl", lease_ttl)
+        self.max_wait = positive_number("max_wait", max_wait)
+        self.max_value_bytes = positive_int("max_value_bytes", max_value_bytes)
+        self.max_fields = positive_int("max_fields_per_identity", max_fields_per_identity)
+        self.op_timeout = positive_number("op_timeout", op_timeout)
+        self.stall_tolerance = positive_number("stall_tolerance", stall_tolerance)
         self.stats = RedisStats()
         self._conn = RedisConnection(  # imports redis: fails here, not on a request
             url,
@@ -184,7 +172,7 @@ class RedisSharedLayer:
             on_recovered=self._recovered,
         )
         self._retention = (
-            _positive("retention", retention)
+            positive_number("retention", retention)
             if retention is not None
             else DEFAULT_CACHE_TTL + max(DEFAULT_STALE_WHILE_REVALIDATE, DEFAULT_STALE_IF_ERROR)
         )

@@ -29,6 +29,7 @@ from ._batcher import (
     BatcherStats,
     EventBatcher,
 )
+from ._config import positive_number
 from ._events import BeaconEndpoint
 from ._exceptions import ConfigurationError
 from ._logging import RateLimitedLog
@@ -168,8 +169,7 @@ class Tracking:
             ("max_body", max_body),
             ("max_events_per_beacon", max_events_per_beacon),
         ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(f"{name} must be positive", field=name)
+            positive_number(name, value)
         self.keyring = keyring
         self.prefix = prefix
         self.token_ttl = float(token_ttl)

@@ -15,6 +15,7 @@ from typing import Any, Self
 import anyio.to_thread
 
 from .._client import _attributes, _identifiers, _statuses, _unique_keys
+from .._config import positive_int
 from .._exceptions import BadRequestError, ConfigurationError
 from .._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
 from ._engine import evaluate
@@ -57,9 +58,7 @@ class LocalBackend:
             self._file = parse_experiences(path_or_data)
         else:
             self._file = load_experiences_file(path_or_data)
-        if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
-            raise ConfigurationError("max_events must be a positive integer", field="max_events")
-        self._events: deque[RecordedEvent] = deque(maxlen=max_events)
+        self._events: deque[RecordedEvent] = deque(maxlen=positive_int("max_events", max_events))
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._counter = ReportCounter(self._file)
         self._lock = threading.Lock()
