@@ -10,7 +10,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from personalize_middleware import PersonalizeMiddleware
-from personalize_middleware._store import DEFAULT_CACHE_TTL
+from personalize_middleware.cache._store import DEFAULT_CACHE_TTL
 
 from ._apps import BROWSER_HEADERS, KEYS, SECRET, InstantBackend, Variant, build_app, visitor_cookie
 from ._asgi import Response, Timing, find_middleware, lifespan, make_scope, request, timed

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from ._backend import PersonalizeBackend
-from ._batcher import BatcherStats, EventBatcher
-from ._client import PersonalizeClient
 from ._config import PersonalizeSettings
 from ._dependencies import get_personalization, require_experiences
 from ._exceptions import (
@@ -19,15 +16,8 @@ from ._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from ._handle import Personalization, current_personalization
 from ._identity import IdentityResolver, default_identity
-from ._jinja import (
-    PersonalizedTemplateResponse,
-    PersonalizeExtension,
-    TemplateExperience,
-    setup_jinja,
-    setup_templates,
-)
+from ._interfaces import PersonalizeBackend
 from ._middleware import PersonalizeMiddleware
 from ._models import (
     EventAction,
@@ -36,10 +26,20 @@ from ._models import (
     ExperienceMetadata,
     Identity,
 )
-from ._redis import RedisSharedLayer
-from ._store import ExperienceStore, SharedLayer, StoreStats
-from ._tracking import Tracking, TrackingStats
+from ._personalization import Personalization, current_personalization
+from .cache._store import ExperienceStore, SharedLayer, StoreStats
+from .cache.redis._layer import RedisSharedLayer
+from .jinja._extension import (
+    PersonalizedTemplateResponse,
+    PersonalizeExtension,
+    TemplateExperience,
+    setup_jinja,
+    setup_templates,
+)
 from .local import LocalBackend, create_local_server, load_experiences_file
+from .tracking._batcher import BatcherStats, EventBatcher
+from .tracking._hooks import Tracking, TrackingStats
+from .upstream._client import PersonalizeClient
 
 __version__ = "0.1.0"
 

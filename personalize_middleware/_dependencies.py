@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 
-from ._handle import Personalization
 from ._models import Experience
+from ._personalization import Personalization
 from ._routes import validate_experience_key
 
 __all__ = ["get_personalization", "require_experiences"]

@@ -11,12 +11,9 @@ from typing import Literal
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._attributes import DEFAULT_QUERY_PARAMS, SessionAttributes
-from ._backend import PersonalizeBackend
-from ._breaker import CircuitBreaker
 from ._config import PersonalizeSettings, positive_int, positive_number
+from ._context import DEFAULT_QUERY_PARAMS, SessionAttributes
 from ._exceptions import ConfigurationError
-from ._handle import Personalization, current_personalization
 from ._identity import (
     DEFAULT_VISITOR_COOKIE,
     IdentityResolver,
@@ -24,11 +21,12 @@ from ._identity import (
     call_resolver,
     default_identity,
 )
-from ._metadata import DEFAULT_METADATA_REFRESH, MetadataWatcher
+from ._interfaces import PersonalizeBackend
 from ._models import Identity
+from ._personalization import Personalization, current_personalization
 from ._routes import RouteKeys, RoutesConfig
 from ._signing import Keyring
-from ._store import (
+from .cache._store import (
     DEFAULT_CACHE_MAXSIZE,
     DEFAULT_CACHE_TTL,
     DEFAULT_MAX_CONCURRENT_FETCHES,
@@ -37,7 +35,9 @@ from ._store import (
     ExperienceStore,
     SharedLayer,
 )
-from ._tracking import DEFAULT_TOKEN_TTL, Tracking
+from .tracking._hooks import DEFAULT_TOKEN_TTL, Tracking
+from .upstream._breaker import CircuitBreaker
+from .upstream._metadata import DEFAULT_METADATA_REFRESH, MetadataWatcher
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
 
@@ -112,7 +112,7 @@ class PersonalizeMiddleware:
             if settings is None and PersonalizeSettings.env_has_credentials():
                 settings = PersonalizeSettings.from_env()
             if settings is not None:
-                from ._client import PersonalizeClient
+                from .upstream._client import PersonalizeClient
 
                 backend = PersonalizeClient(settings)
             else:
@@ -126,7 +126,7 @@ class PersonalizeMiddleware:
                 self.local_mode = True
         self.backend: PersonalizeBackend = backend
         if shared is None and settings is not None and settings.redis_url:
-            from ._redis import RedisSharedLayer
+            from .cache.redis._layer import RedisSharedLayer
 
             shared = RedisSharedLayer.from_settings(settings)
         self.keyring = Keyring.from_config(

@@ -28,9 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._backend import PersonalizeBackend
 from ._config import PersonalizeSettings
 from ._exceptions import PersonalizeError
+from ._interfaces import PersonalizeBackend
 from ._models import EXPERIENCE_STATUSES, ExperienceMetadata
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ def _local_backend(path: str | None) -> LocalBackend:
 def _backend(args: argparse.Namespace) -> tuple[PersonalizeBackend, str]:
     """The backend a read command talks to, and a line saying which it is."""
     if args.file is None and PersonalizeSettings.env_has_credentials():
-        from ._client import PersonalizeClient  # lazily: only this path needs httpx set up
+        from .upstream._client import PersonalizeClient  # lazily: only this path needs httpx set up
 
         settings = PersonalizeSettings.from_env()
         return PersonalizeClient(settings), f"MoEngage API {settings.api_base_url}"

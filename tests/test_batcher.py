@@ -14,8 +14,8 @@ import pytest
 from starlette.responses import Response
 
 from personalize_middleware import PersonalizeClient, PersonalizeSettings
-from personalize_middleware._batcher import EventBatcher
 from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN, EventAction
+from personalize_middleware.tracking._batcher import EventBatcher
 from tests.support.http_server import run_asgi_server
 from tests.support.tracking_helpers import (
     API_SECRET,

@@ -31,10 +31,10 @@ from personalize_middleware import (
     PersonalizeMiddleware,
     PersonalizeSettings,
 )
-from personalize_middleware._batcher import EventBatcher
-from personalize_middleware._breaker import CircuitBreaker
 from personalize_middleware._signing import Keyring
-from personalize_middleware._tracking import Tracking
+from personalize_middleware.tracking._batcher import EventBatcher
+from personalize_middleware.tracking._hooks import Tracking
+from personalize_middleware.upstream._breaker import CircuitBreaker
 from tests.support.faulty_upstream import Fault, FaultyUpstream, title_for, wait_until
 from tests.support.spec import validate_response
 

@@ -29,9 +29,13 @@ from personalize_middleware import (
     TemplateUsageError,
     current_personalization,
 )
-from personalize_middleware._jinja import PersonalizedTemplateResponse, setup_jinja, setup_templates
 from personalize_middleware._signing import Keyring
-from personalize_middleware._tracking import Tracking, decode_token
+from personalize_middleware.jinja._extension import (
+    PersonalizedTemplateResponse,
+    setup_jinja,
+    setup_templates,
+)
+from personalize_middleware.tracking._hooks import Tracking, decode_token
 from tests.support.tracking_helpers import StaticBackend, context_for
 
 KEYRING = Keyring(["jinja-test-secret-0123456789"])

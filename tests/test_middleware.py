@@ -22,7 +22,7 @@ from personalize_middleware import (
     PersonalizeMiddleware,
     UpstreamUnavailableError,
 )
-from personalize_middleware._breaker import CircuitBreaker
+from personalize_middleware.upstream._breaker import CircuitBreaker
 from tests.support.fake_backend import FakeBackend, variation_for
 
 SECRET = "test-secret-key-0123456789abcdef"

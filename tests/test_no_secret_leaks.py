@@ -35,7 +35,7 @@ from personalize_middleware import (
     PersonalizeSettings,
     setup_templates,
 )
-from personalize_middleware._breaker import CircuitBreaker
+from personalize_middleware.upstream._breaker import CircuitBreaker
 from tests.support.faulty_upstream import Fault, FaultyUpstream, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -23,7 +23,7 @@ from personalize_middleware import (
     PersonalizeSettings,
     RedisSharedLayer,
 )
-from personalize_middleware._ratelimit import LocalShare, RateLimitGrant, RedisRateLimiter
+from personalize_middleware.cache.redis._limiter import LocalShare, RateLimitGrant, RedisRateLimiter
 from tests.conftest import require_tool
 from tests.support.http_server import refused_url, run_asgi_server
 from tests.support.redis_standin import Rule, Standin

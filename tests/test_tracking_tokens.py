@@ -20,7 +20,8 @@ from personalize_middleware import (
     TemplateUsageError,
 )
 from personalize_middleware._signing import Keyring, b64url_decode, b64url_encode
-from personalize_middleware._tokens import (
+from personalize_middleware.tracking._hooks import Tracking
+from personalize_middleware.tracking._tokens import (
     InvalidTokenError,
     TrackingToken,
     _mac_prefix,
@@ -30,7 +31,6 @@ from personalize_middleware._tokens import (
     encode_token,
     validate_b_id,
 )
-from personalize_middleware._tracking import Tracking
 from tests.support.tracking_helpers import StaticBackend, api_experience, context_for
 
 KEYRING = Keyring(["k" * 32])

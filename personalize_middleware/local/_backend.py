@@ -14,10 +14,10 @@ from typing import Any, Self
 
 import anyio.to_thread
 
-from .._client import _attributes, _identifiers, _statuses, _unique_keys
 from .._config import positive_int
 from .._exceptions import BadRequestError, ConfigurationError
 from .._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
+from ..upstream._client import _attributes, _identifiers, _statuses, _unique_keys
 from ._engine import evaluate
 from ._file import load_experiences_file, load_sample_file, parse_experiences
 from ._model import ExperiencesFile

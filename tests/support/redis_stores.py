@@ -14,7 +14,7 @@ from personalize_middleware import (
     PersonalizeSettings,
     RedisSharedLayer,
 )
-from personalize_middleware._store import ExperienceStore, FetchQuery
+from personalize_middleware.cache._store import ExperienceStore, FetchQuery
 from tests.support.redis_support import REDIS_URL, new_workspace
 
 __all__ = ["KEYS", "customer", "layer_of", "open_store", "query", "wait_until"]

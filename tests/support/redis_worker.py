@@ -81,7 +81,7 @@ async def _store_worker(config: dict[str, Any]) -> dict[str, Any]:
         PersonalizeSettings,
         RedisSharedLayer,
     )
-    from personalize_middleware._store import ExperienceStore, FetchQuery
+    from personalize_middleware.cache._store import ExperienceStore, FetchQuery
 
     settings = PersonalizeSettings(
         workspace_id="WS1", api_secret="secret-x", base_url=config["base_url"]
@@ -128,7 +128,7 @@ async def _store_worker(config: dict[str, Any]) -> dict[str, Any]:
 async def _limiter_worker(config: dict[str, Any]) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
-    from personalize_middleware._ratelimit import RedisRateLimiter
+    from personalize_middleware.cache.redis._limiter import RedisRateLimiter
 
     client = aioredis.Redis.from_url(config["redis_url"])
     prefix = f"pm:v1:{{{config['workspace']}}}:"

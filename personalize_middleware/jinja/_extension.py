@@ -34,10 +34,10 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
-from ._exceptions import TemplateUsageError
-from ._handle import Personalization, current_personalization
-from ._models import Experience
-from ._tokens import validate_b_id
+from .._exceptions import TemplateUsageError
+from .._models import Experience
+from .._personalization import Personalization, current_personalization
+from ..tracking._tokens import validate_b_id
 
 if TYPE_CHECKING:
     import jinja2

@@ -25,14 +25,22 @@ from collections import deque
 from collections.abc import Collection, Coroutine, Mapping
 from typing import Any
 
-from ._breaker import DEFAULT_MAX_RETRY_AFTER, CircuitOpenError
-from ._client import FETCH_BATCH_SIZE
-from ._config import PersonalizeSettings, positive_int, positive_number
-from ._exceptions import APIError, ConfigurationError, RateLimitedError
-from ._logging import RateLimitedLog
-from ._models import Identity
-from ._ratelimit import LocalShare, RedisRateLimiter
-from ._redis_codec import (
+from ..._config import PersonalizeSettings, positive_int, positive_number
+from ..._exceptions import APIError, ConfigurationError, RateLimitedError
+from ..._logging import RateLimitedLog
+from ..._models import Identity
+from ...upstream._breaker import DEFAULT_MAX_RETRY_AFTER, CircuitOpenError
+from ...upstream._client import FETCH_BATCH_SIZE
+from .._store import (
+    DEFAULT_CACHE_TTL,
+    DEFAULT_STALE_IF_ERROR,
+    DEFAULT_STALE_WHILE_REVALIDATE,
+    CachedExperience,
+    FetchFn,
+    FetchQuery,
+    identity_hash,
+)
+from ._codec import (
     CLAIM_SCRIPT,
     DONE,
     FAILED,
@@ -44,7 +52,7 @@ from ._redis_codec import (
     decode_entry,
     encode_entry,
 )
-from ._redis_conn import (
+from ._connection import (
     DEFAULT_OP_TIMEOUT,
     DEFAULT_STALL_TOLERANCE,
     RedisConnection,
@@ -52,15 +60,7 @@ from ._redis_conn import (
     Unavailable,
     mask_url,
 )
-from ._store import (
-    DEFAULT_CACHE_TTL,
-    DEFAULT_STALE_IF_ERROR,
-    DEFAULT_STALE_WHILE_REVALIDATE,
-    CachedExperience,
-    FetchFn,
-    FetchQuery,
-    identity_hash,
-)
+from ._limiter import LocalShare, RedisRateLimiter
 
 __all__ = [
     "DEFAULT_LEASE_TTL",

@@ -10,10 +10,10 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ._models import Experience, Identity
-from ._store import ExperienceStore, FetchQuery
+from .cache._store import ExperienceStore, FetchQuery
 
 if TYPE_CHECKING:
-    from ._tracking import Tracking
+    from .tracking._hooks import Tracking
 
 __all__ = ["Personalization", "current_personalization"]
 

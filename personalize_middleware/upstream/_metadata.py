@@ -7,10 +7,10 @@ import contextlib
 import difflib
 import logging
 
-from ._backend import PersonalizeBackend
-from ._exceptions import APIError
-from ._logging import RateLimitedLog
-from ._models import EXPERIENCE_STATUSES, ExperienceMetadata
+from .._exceptions import APIError
+from .._interfaces import PersonalizeBackend
+from .._logging import RateLimitedLog
+from .._models import EXPERIENCE_STATUSES, ExperienceMetadata
 
 __all__ = ["DEFAULT_METADATA_REFRESH", "MetadataWatcher", "suggest_key"]
 

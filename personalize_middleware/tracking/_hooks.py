@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Literal
 
 from markupsafe import Markup, escape
 
-from ._backend import PersonalizeBackend
+from .._config import positive_number
+from .._exceptions import ConfigurationError
+from .._interfaces import PersonalizeBackend
+from .._logging import RateLimitedLog
+from .._models import Experience, Identity
+from .._signing import Keyring
 from ._batcher import (
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_QUEUE,
@@ -29,12 +34,7 @@ from ._batcher import (
     BatcherStats,
     EventBatcher,
 )
-from ._config import positive_number
-from ._events import BeaconEndpoint
-from ._exceptions import ConfigurationError
-from ._logging import RateLimitedLog
-from ._models import Experience, Identity
-from ._signing import Keyring
+from ._endpoint import BeaconEndpoint
 from ._tokens import (
     _DERIVED_KEY,
     _IMPRESSION_PART,
@@ -55,7 +55,7 @@ from ._tokens import (
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
-    from ._handle import Personalization
+    from .._personalization import Personalization
 
 __all__ = [
     "CLICK_ATTR",
@@ -88,7 +88,7 @@ _CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template con
 @functools.cache
 def _script() -> bytes:
     return (
-        importlib.resources.files("personalize_middleware")
+        importlib.resources.files("personalize_middleware.tracking")
         .joinpath("static/personalize.js")
         .read_bytes()
     )

@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from ._exceptions import ConfigurationError
-from ._logging import RateLimitedLog
+from ..._exceptions import ConfigurationError
+from ..._logging import RateLimitedLog
 
 __all__ = [
     "DEFAULT_OP_TIMEOUT",

@@ -41,11 +41,11 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._backend import PersonalizeBackend
-from ._config import positive_number
-from ._exceptions import APIError, AuthenticationError, BadRequestError, ConfigurationError
-from ._logging import RateLimitedLog
-from ._models import EventAction, EventElement
+from .._config import positive_number
+from .._exceptions import APIError, AuthenticationError, BadRequestError, ConfigurationError
+from .._interfaces import PersonalizeBackend
+from .._logging import RateLimitedLog
+from .._models import EventAction, EventElement
 
 __all__ = [
     "DEFAULT_FLUSH_INTERVAL",

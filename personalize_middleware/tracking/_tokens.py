@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from ._exceptions import TemplateUsageError
-from ._models import Experience, Identity
-from ._signing import Keyring, b64url_decode, b64url_encode
+from .._exceptions import TemplateUsageError
+from .._models import Experience, Identity
+from .._signing import Keyring, b64url_decode, b64url_encode
 
 __all__ = [
     "MAX_B_ID_LENGTH",

@@ -6,13 +6,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from ._exceptions import (
+from .._exceptions import (
     APIError,
     AuthenticationError,
     RateLimitedError,
     UpstreamUnavailableError,
 )
-from ._logging import RateLimitedLog
+from .._logging import RateLimitedLog
 
 __all__ = [
     "DEFAULT_AUTH_PAUSE",

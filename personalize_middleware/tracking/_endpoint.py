@@ -25,15 +25,15 @@ from urllib.parse import urlsplit
 
 from cachetools import TTLCache
 
-from ._logging import RateLimitedLog
-from ._models import ACTION_CLICKED, ACTION_SHOWN, EventAction, Experience, Identity
-from ._signing import b64url_decode
+from .._logging import RateLimitedLog
+from .._models import ACTION_CLICKED, ACTION_SHOWN, EventAction, Experience, Identity
+from .._signing import b64url_decode
 from ._tokens import InvalidTokenError, TrackingToken, decode_tokens
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
 
-    from ._tracking import Tracking
+    from ._hooks import Tracking
 
 __all__ = ["BeaconEndpoint", "build_action"]
 

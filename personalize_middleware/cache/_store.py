@@ -28,11 +28,11 @@ from typing import Any, Protocol
 
 from cachetools import LRUCache, TTLCache
 
-from ._backend import PersonalizeBackend
-from ._breaker import CircuitBreaker, CircuitOpenError
-from ._exceptions import APIError, PersonalizeError
-from ._logging import RateLimitedLog
-from ._models import Experience, Identity
+from .._exceptions import APIError, PersonalizeError
+from .._interfaces import PersonalizeBackend
+from .._logging import RateLimitedLog
+from .._models import Experience, Identity
+from ..upstream._breaker import CircuitBreaker, CircuitOpenError
 
 __all__ = [
     "DEFAULT_CACHE_MAXSIZE",

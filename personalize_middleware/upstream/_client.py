@@ -22,8 +22,8 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
-from ._config import PersonalizeSettings, mask_secret
-from ._exceptions import (
+from .._config import PersonalizeSettings, mask_secret
+from .._exceptions import (
     APIError,
     AuthenticationError,
     BadRequestError,
@@ -33,7 +33,7 @@ from ._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from ._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
+from .._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
 
 __all__ = [
     "EVENTS_BATCH_SIZE",
@@ -106,7 +106,7 @@ class PersonalizeClient:
         self._deadline = settings.connect_timeout + settings.read_timeout
 
     def _new_http(self) -> httpx.AsyncClient:
-        from . import __version__  # here, not at import time: the package imports us
+        from .. import __version__  # here, not at import time: the package imports us
 
         settings = self._settings
         return httpx.AsyncClient(

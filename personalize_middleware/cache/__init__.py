@@ -1,0 +1,27 @@
+"""The experience store: per-user L1 cache, single-flight, shedding, stale content.
+
+The optional shared L2 (Redis) is ``cache.redis``; the store depends only on the
+``SharedLayer`` protocol of ``personalize_middleware._interfaces``.
+"""
+
+from __future__ import annotations
+
+from ._store import (
+    DEFAULT_CACHE_MAXSIZE,
+    DEFAULT_CACHE_TTL,
+    DEFAULT_MAX_CONCURRENT_FETCHES,
+    DEFAULT_STALE_IF_ERROR,
+    DEFAULT_STALE_WHILE_REVALIDATE,
+    ExperienceStore,
+    StoreStats,
+)
+
+__all__ = [
+    "DEFAULT_CACHE_MAXSIZE",
+    "DEFAULT_CACHE_TTL",
+    "DEFAULT_MAX_CONCURRENT_FETCHES",
+    "DEFAULT_STALE_IF_ERROR",
+    "DEFAULT_STALE_WHILE_REVALIDATE",
+    "ExperienceStore",
+    "StoreStats",
+]

@@ -1,0 +1,27 @@
+"""The shared L2 in Redis: layer, cross-process lease, codec, connection, rate limiter.
+
+Imported only when ``redis_url`` is set or ``RedisSharedLayer`` is used: the ``redis``
+package itself is imported lazily by ``_connection.import_redis`` (extra ``[redis]``).
+"""
+
+from __future__ import annotations
+
+from ._connection import RedisStats
+from ._layer import (
+    DEFAULT_LEASE_TTL,
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_OP_TIMEOUT,
+    DEFAULT_RATE_LIMIT_PER_MINUTE,
+    DEFAULT_STALL_TOLERANCE,
+    RedisSharedLayer,
+)
+
+__all__ = [
+    "DEFAULT_LEASE_TTL",
+    "DEFAULT_MAX_VALUE_BYTES",
+    "DEFAULT_OP_TIMEOUT",
+    "DEFAULT_RATE_LIMIT_PER_MINUTE",
+    "DEFAULT_STALL_TOLERANCE",
+    "RedisSharedLayer",
+    "RedisStats",
+]
