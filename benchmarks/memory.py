@@ -18,9 +18,9 @@ import tracemalloc
 from collections.abc import Iterable
 from typing import Any
 
+from personalize_middleware import ExperienceStore
 from personalize_middleware._context import SessionAttributes
-from personalize_middleware._models import Experience, Identity
-from personalize_middleware.cache._store import ExperienceStore, FetchQuery
+from personalize_middleware._models import Experience, FetchQuery, Identity
 
 from ._apps import KEYS, USER_AGENT, InstantBackend, experience_body
 from ._report import Row

@@ -8,7 +8,9 @@ from ._exceptions import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    CircuitOpenError,
     ConfigurationError,
+    InvalidTokenError,
     MalformedResponseError,
     PersonalizeError,
     RateLimitedError,
@@ -17,7 +19,7 @@ from ._exceptions import (
     UpstreamUnavailableError,
 )
 from ._identity import IdentityResolver, default_identity
-from ._interfaces import PersonalizeBackend
+from ._interfaces import PersonalizeBackend, SharedLayer
 from ._middleware import PersonalizeMiddleware
 from ._models import (
     EventAction,
@@ -27,36 +29,42 @@ from ._models import (
     Identity,
 )
 from ._personalization import Personalization, current_personalization
-from .cache._store import ExperienceStore, SharedLayer, StoreStats
-from .cache.redis._layer import RedisSharedLayer
-from .jinja._extension import (
+from ._retry import RetryPolicy
+from ._signing import Keyring
+from ._version import __version__ as __version__
+from .cache import ExperienceStore, StoreStats
+from .cache.redis import RedisSharedLayer
+from .jinja import (
     PersonalizedTemplateResponse,
     PersonalizeExtension,
+    PersonalizeTemplates,
     TemplateExperience,
     setup_jinja,
     setup_templates,
 )
 from .local import LocalBackend, create_local_server, load_experiences_file
-from .tracking._batcher import BatcherStats, EventBatcher
-from .tracking._hooks import Tracking, TrackingStats
-from .upstream._client import PersonalizeClient
-
-__version__ = "0.1.0"
+from .tracking import BatcherStats, EventBatcher, EventRecorder, Tracking, TrackingStats
+from .upstream import CircuitBreaker, PersonalizeClient
 
 __all__ = [
     "APIError",
     "AuthenticationError",
     "BadRequestError",
     "BatcherStats",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "ConfigurationError",
     "EventAction",
     "EventBatcher",
     "EventElement",
+    "EventRecorder",
     "Experience",
     "ExperienceMetadata",
     "ExperienceStore",
     "Identity",
     "IdentityResolver",
+    "InvalidTokenError",
+    "Keyring",
     "LocalBackend",
     "MalformedResponseError",
     "Personalization",
@@ -66,9 +74,11 @@ __all__ = [
     "PersonalizeExtension",
     "PersonalizeMiddleware",
     "PersonalizeSettings",
+    "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
     "RateLimitedError",
     "RedisSharedLayer",
+    "RetryPolicy",
     "SharedLayer",
     "StoreStats",
     "TemplateExperience",

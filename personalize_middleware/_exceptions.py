@@ -5,15 +5,18 @@
     PersonalizeError
     ├── ConfigurationError          bad settings, bad local experiences file
     ├── TemplateUsageError          a helper used wrongly at render time (bad b_id, ...)
+    ├── InvalidTokenError           a tracking token that is malformed, forged, expired or
+    │                               another visitor's (the beacon endpoint answers 403)
     └── APIError                    anything the MoEngage API (or the way to it) did
         ├── AuthenticationError     401: wrong workspace id / secret; never retried
         ├── BadRequestError         400: carries the API's title / description / code
         ├── RateLimitedError        429: carries Retry-After seconds when given
         ├── UpstreamUnavailableError  5xx, connection refused / reset
+        │   └── CircuitOpenError    no call made: breaker open, or calls paused (401/429)
         ├── UpstreamTimeoutError    connect / read / pool / total timeout
         └── MalformedResponseError  not JSON, HTML error page, empty body, wrong shape
 
-Transport errors are translated in one place (``_client._translate_transport_error``)
+Transport errors are translated in one place (``upstream._client``)
 with ``raise ... from exc``. No message ever contains the API secret or the
 Authorization header.
 """
@@ -24,7 +27,9 @@ __all__ = [
     "APIError",
     "AuthenticationError",
     "BadRequestError",
+    "CircuitOpenError",
     "ConfigurationError",
+    "InvalidTokenError",
     "MalformedResponseError",
     "PersonalizeError",
     "RateLimitedError",
@@ -48,6 +53,10 @@ class ConfigurationError(PersonalizeError, ValueError):
 
 class TemplateUsageError(PersonalizeError, ValueError):
     """A template helper was called with invalid arguments."""
+
+
+class InvalidTokenError(PersonalizeError, ValueError):
+    """A tracking token that is malformed, forged, expired or someone else's."""
 
 
 class APIError(PersonalizeError):
@@ -114,6 +123,10 @@ class UpstreamUnavailableError(APIError):
     """5xx answers and connection failures."""
 
     retryable = True
+
+
+class CircuitOpenError(UpstreamUnavailableError):
+    """No call was made: the breaker is open or fetching is paused."""
 
 
 class UpstreamTimeoutError(APIError):

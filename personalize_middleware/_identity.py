@@ -6,11 +6,12 @@ import inspect
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import HTTPConnection, cookie_parser
 
+from ._interfaces import IdentityResolver
 from ._models import Identity
 from ._signing import Keyring
 
@@ -31,8 +32,6 @@ DEFAULT_SESSION_IDENTIFIER_KEYS: Mapping[str, str] = {"u_em": "email", "u_mb": "
 _VISITOR_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _MAX_ID_LENGTH = 256
 _VERIFIED_CACHE_SIZE = 16384
-
-IdentityResolver = Callable[[HTTPConnection], "Identity | Awaitable[Identity | None] | None"]
 
 
 def _clean_id(value: Any) -> str | None:

@@ -21,7 +21,7 @@ from ._identity import (
     call_resolver,
     default_identity,
 )
-from ._interfaces import PersonalizeBackend
+from ._interfaces import PersonalizeBackend, SharedLayer
 from ._models import Identity
 from ._personalization import Personalization, current_personalization
 from ._routes import RouteKeys, RoutesConfig
@@ -33,7 +33,6 @@ from .cache._store import (
     DEFAULT_STALE_IF_ERROR,
     DEFAULT_STALE_WHILE_REVALIDATE,
     ExperienceStore,
-    SharedLayer,
 )
 from .tracking._hooks import DEFAULT_TOKEN_TTL, Tracking
 from .upstream._breaker import CircuitBreaker
@@ -112,7 +111,7 @@ class PersonalizeMiddleware:
             if settings is None and PersonalizeSettings.env_has_credentials():
                 settings = PersonalizeSettings.from_env()
             if settings is not None:
-                from .upstream._client import PersonalizeClient
+                from .upstream import PersonalizeClient
 
                 backend = PersonalizeClient(settings)
             else:
@@ -126,7 +125,7 @@ class PersonalizeMiddleware:
                 self.local_mode = True
         self.backend: PersonalizeBackend = backend
         if shared is None and settings is not None and settings.redis_url:
-            from .cache.redis._layer import RedisSharedLayer
+            from .cache.redis import RedisSharedLayer
 
             shared = RedisSharedLayer.from_settings(settings)
         self.keyring = Keyring.from_config(

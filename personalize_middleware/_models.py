@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,12 +16,15 @@ __all__ = [
     "ACTION_SHOWN",
     "DATA_TYPES",
     "EXPERIENCE_STATUSES",
+    "CachedExperience",
     "EventAction",
     "EventElement",
     "Experience",
     "ExperienceMetadata",
+    "FetchQuery",
     "Identity",
     "convert_payload_value",
+    "identity_hash",
 ]
 
 logger = logging.getLogger("personalize_middleware")
@@ -118,10 +122,10 @@ class Experience:
     payload: Mapping[str, Any]
     experience_context: Mapping[str, Any]
     raw_payload: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    #: A cache of encodings derived from the fields above (e.g. tracking's encoded
-    #: context), filled on first use by the modules that need them. Never semantic: not
-    #: an argument, not compared, not in ``repr``, ``to_api`` or the wire shape.
-    _derived: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+    #: Encodings derived from the fields above, memoised by the package that needs them
+    #: under its own name (tracking keeps its encoded context under ``"track"``). Never
+    #: semantic: not an argument, not compared, not in ``repr``, ``to_api`` or the wire.
+    derived: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def get(self, name: str, default: Any = None) -> Any:
         """The converted value of payload variable ``name``, or ``default``."""
@@ -267,3 +271,55 @@ class EventElement(TypedDict):
     actions: list[EventAction]
     user_attributes: NotRequired[dict[str, Any]]
     user_timezone_offset: NotRequired[int]
+
+
+class FetchQuery:
+    """Who is asking and in which context: everything the answer depends on."""
+
+    __slots__ = (
+        "_context_hash",
+        "_identity_hash",
+        "attributes",
+        "context_key",
+        "identity",
+        "identity_key",
+    )
+
+    def __init__(self, identity: Identity, attributes: Mapping[str, str]) -> None:
+        self.identity = identity
+        self.attributes = attributes
+        # Computed once: read several times a request (identities are immutable).
+        self.identity_key: str = identity.cache_key
+        self.context_key: tuple[tuple[str, str], ...] = tuple(sorted(attributes.items()))
+        self._identity_hash: str | None = None
+        self._context_hash: str | None = None
+
+    @property
+    def identity_hash(self) -> str:
+        """A digest of the identity (no personal data in shared cache keys)."""
+        if self._identity_hash is None:
+            self._identity_hash = _digest(self.identity_key)
+        return self._identity_hash
+
+    @property
+    def context_hash(self) -> str:
+        if self._context_hash is None:
+            self._context_hash = _digest(json.dumps(self.context_key, separators=(",", ":")))
+        return self._context_hash
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def identity_hash(identity: Identity) -> str:
+    """The digest ``FetchQuery.identity_hash`` uses, for invalidation by identity."""
+    return _digest(identity.cache_key)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedExperience:
+    """One cached answer for one key: the experience, or ``None`` for "no match"."""
+
+    experience: Experience | None
+    fetched_at: float

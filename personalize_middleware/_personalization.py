@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from ._models import Experience, Identity
-from .cache._store import ExperienceStore, FetchQuery
+from ._interfaces import TrackingHooks
+from ._models import Experience, FetchQuery, Identity
 
 if TYPE_CHECKING:
-    from .tracking._hooks import Tracking
+    from .cache import ExperienceStore
 
 __all__ = ["Personalization", "current_personalization"]
 
@@ -43,11 +43,11 @@ class Personalization:
         "_render_id",
         "_resolved",
         "_store",
-        "_track_cache",
         "attributes",
         "budget",
         "keys",
         "tracking",
+        "tracking_state",
         "used",
     )
 
@@ -59,7 +59,7 @@ class Personalization:
         attributes: Mapping[str, str],
         budget: float,
         identity_factory: Callable[[], Awaitable[Identity]],
-        tracking: Tracking | None = None,
+        tracking: TrackingHooks | None = None,
         active_keys: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
     ) -> None:
         self._store = store
@@ -74,7 +74,8 @@ class Personalization:
         self._deadline = time.monotonic() + budget
         self._render_id: str | None = None
         self._active_keys = active_keys
-        self._track_cache: tuple[Identity, bytes, str] | None = None  # Tracking's per-page parts
+        #: Per-page-view parts the tracking hooks compute once (theirs; opaque here).
+        self.tracking_state: Any = None
         self.tracking = tracking
         self.used = bool(keys)
 

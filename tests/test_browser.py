@@ -19,9 +19,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from personalize_middleware import PersonalizeMiddleware, PersonalizeSettings
+from personalize_middleware import PersonalizeMiddleware, PersonalizeSettings, setup_templates
 from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
-from personalize_middleware.jinja._extension import setup_templates
 from tests.conftest import require_tool
 from tests.support.http_server import run_asgi_server
 from tests.support.tracking_helpers import API_SECRET, WORKSPACE_ID, EventsStandIn, context_for

@@ -35,7 +35,7 @@ from personalize_middleware import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from personalize_middleware.upstream._client import MAX_RETRY_AFTER, parse_retry_after
+from personalize_middleware._retry import MAX_RETRY_AFTER, parse_retry_after
 from tests.support.http_server import refused_url, run_asgi_server
 from tests.support.spec import SpecViolation, validate_request_parts
 

@@ -1,18 +1,22 @@
 """The Jinja tag, value helpers and hooks in sync and async environments, compile-time
-errors, escaping, and ``setup_templates`` through the middleware."""
+errors, escaping, and ``PersonalizeTemplates`` / ``setup_templates`` through the middleware."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import html
+import inspect
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
@@ -20,6 +24,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.testclient import TestClient
 
+import personalize_middleware.jinja
 from personalize_middleware import (
     Experience,
     ExperienceStore,
@@ -30,8 +35,9 @@ from personalize_middleware import (
     current_personalization,
 )
 from personalize_middleware._signing import Keyring
-from personalize_middleware.jinja._extension import (
+from personalize_middleware.jinja import (
     PersonalizedTemplateResponse,
+    PersonalizeTemplates,
     setup_jinja,
     setup_templates,
 )
@@ -397,7 +403,7 @@ def test_extension_keeps_no_state_and_settings_live_on_the_env() -> None:
     assert overlay.from_string('{% experience "a" as a %}{% endexperience %}').render() == ""
 
 
-# -- setup_templates through the middleware ------------------------------------------------
+# -- PersonalizeTemplates / setup_templates through the middleware -------------------------
 
 PAGE = """\
 {% experience "hero" as hero %}<h1{{ impression(hero) }}>{{ hero.Title }}</h1>\
@@ -408,15 +414,39 @@ def user_identity(conn: HTTPConnection) -> Identity | None:
     return ALICE
 
 
-def templated_app(backend: StaticBackend, *, is_async: bool = False, budget: float = 2.0) -> Any:
-    env = jinja2.Environment(
+def subclassed(env: jinja2.Environment) -> Jinja2Templates:
+    return PersonalizeTemplates(env=env)
+
+
+def set_up(env: jinja2.Environment) -> Jinja2Templates:
+    templates = Jinja2Templates(env=env)
+    setup_templates(templates)
+    setup_templates(templates)  # idempotent
+    return templates
+
+
+MakeTemplates = Callable[[jinja2.Environment], Jinja2Templates]
+both_ways = pytest.mark.parametrize(
+    "make_templates", [subclassed, set_up], ids=["PersonalizeTemplates", "setup_templates"]
+)
+
+
+def page_env(*, is_async: bool = False) -> jinja2.Environment:
+    return jinja2.Environment(
         loader=jinja2.DictLoader({"page.html": PAGE, "plain.html": "plain {{ 1 + 1 }}"}),
         autoescape=jinja2.select_autoescape(),
         enable_async=is_async,
     )
-    templates = Jinja2Templates(env=env)
-    setup_templates(templates)
-    setup_templates(templates)  # idempotent
+
+
+def templated_app(
+    backend: StaticBackend,
+    *,
+    is_async: bool = False,
+    budget: float = 2.0,
+    make_templates: MakeTemplates = set_up,
+) -> Any:
+    templates = make_templates(page_env(is_async=is_async))
     kinds: list[str] = []
 
     async def page(request: Request) -> Response:
@@ -446,8 +476,9 @@ def templated_app(backend: StaticBackend, *, is_async: bool = False, budget: flo
     return app, kinds
 
 
-def test_template_response_waits_for_a_pending_fetch() -> None:
-    app, kinds = templated_app(SlowBackend(EXPERIENCES, delay=0.2))
+@both_ways
+def test_template_response_waits_for_a_pending_fetch(make_templates: MakeTemplates) -> None:
+    app, kinds = templated_app(SlowBackend(EXPERIENCES, delay=0.2), make_templates=make_templates)
     with TestClient(app) as client:
         response = client.get("/")
         assert response.status_code == 200
@@ -460,11 +491,17 @@ def test_template_response_waits_for_a_pending_fetch() -> None:
         # The second request is a cache hit: nothing pending, Starlette renders at once.
         again = client.get("/")
         assert ">Summer sale</h1>" in again.text
+        assert again.template.name == "page.html"  # type: ignore[attr-defined]
     assert kinds == ["PersonalizedTemplateResponse", "_TemplateResponse"]
 
 
-def test_template_response_renders_the_default_when_the_budget_runs_out() -> None:
-    app, kinds = templated_app(SlowBackend(EXPERIENCES, delay=1.0), budget=0.2)
+@both_ways
+def test_template_response_renders_the_default_when_the_budget_runs_out(
+    make_templates: MakeTemplates,
+) -> None:
+    app, kinds = templated_app(
+        SlowBackend(EXPERIENCES, delay=1.0), budget=0.2, make_templates=make_templates
+    )
     with TestClient(app) as client:
         started = time.monotonic()
         response = client.get("/")
@@ -474,9 +511,14 @@ def test_template_response_renders_the_default_when_the_budget_runs_out() -> Non
     assert kinds == ["PersonalizedTemplateResponse"]
 
 
+@both_ways
 @pytest.mark.parametrize("path", ["/", "/plain"])
-def test_async_environment_renders_with_render_async(path: str) -> None:
-    app, kinds = templated_app(StaticBackend(EXPERIENCES), is_async=True)
+def test_async_environment_renders_with_render_async(
+    path: str, make_templates: MakeTemplates
+) -> None:
+    app, kinds = templated_app(
+        StaticBackend(EXPERIENCES), is_async=True, make_templates=make_templates
+    )
     with TestClient(app) as client:
         response = client.get(path)
     assert response.status_code == 200
@@ -495,3 +537,152 @@ async def test_personalized_response_renders_once() -> None:
     await response.render_template()
     assert response.body is body
     assert response.headers["content-length"] == str(len(body))
+
+
+def test_pending_response_keeps_status_headers_and_background() -> None:
+    """What the handler passes to TemplateResponse reaches the waiting response too."""
+    templates = PersonalizeTemplates(env=page_env())
+    ran: list[str] = []
+
+    async def page(request: Request) -> Response:
+        return templates.TemplateResponse(
+            request=request,
+            name="page.html",
+            context={"extra": 1},
+            status_code=418,
+            headers={"x-page": "tea"},
+            background=BackgroundTask(ran.append, "done"),
+        )
+
+    app = Starlette(
+        routes=[Route("/", page)],
+        middleware=[
+            Middleware(
+                PersonalizeMiddleware,
+                backend=SlowBackend(EXPERIENCES, delay=0.1),
+                routes={"/": ["hero"]},
+                identify=user_identity,
+                secret_key="templates-secret-0123456789",
+                metadata_refresh=None,
+            )
+        ],
+    )
+    with TestClient(app) as client:
+        response = client.get("/")
+    assert response.status_code == 418
+    assert response.headers["x-page"] == "tea"
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert ">Summer sale</h1>" in response.text
+    assert ran == ["done"]
+
+
+# -- PersonalizeTemplates without the middleware, signature, setup_templates ----------------
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_personalize_templates_from_a_directory_without_the_middleware(
+    tmp_path: Path, is_async: bool
+) -> None:
+    """No middleware, no handle: the defaults render, in sync and async environments."""
+    (tmp_path / "page.html").write_text(PAGE)
+    templates = PersonalizeTemplates(directory=tmp_path)
+    if is_async:
+        templates = PersonalizeTemplates(
+            env=jinja2.Environment(
+                loader=jinja2.FileSystemLoader(tmp_path),
+                autoescape=jinja2.select_autoescape(),
+                enable_async=True,
+            )
+        )
+
+    async def page(request: Request) -> Response:
+        return templates.TemplateResponse(request, "page.html", {"extra": 1})
+
+    with TestClient(Starlette(routes=[Route("/", page)])) as client:
+        response = client.get("/")
+    assert response.status_code == 200
+    assert response.text == "<h1>Default</h1>"
+    assert response.template.name == "page.html"  # type: ignore[attr-defined]
+    assert response.context["extra"] == 1  # type: ignore[attr-defined]
+    assert "personalize" not in response.context  # type: ignore[attr-defined]
+    assert templates.env.autoescape is not False  # Starlette's select_autoescape()
+
+
+def test_template_response_signature_is_starlettes() -> None:
+    """``TemplateResponse(request, name, context, ...)``: the same parameters, in the same
+    order, with the same defaults as ``Jinja2Templates.TemplateResponse``."""
+    ours = inspect.signature(PersonalizeTemplates.TemplateResponse).parameters
+    theirs = inspect.signature(Jinja2Templates.TemplateResponse).parameters
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.values()
+    ]
+    assert list(ours)[:4] == ["self", "request", "name", "context"]
+
+
+def test_personalize_templates_installs_once_and_keeps_context_processors() -> None:
+    def site(request: Request) -> dict[str, Any]:
+        return {"site": "shop"}
+
+    templates = PersonalizeTemplates(env=page_env(), context_processors=[site])
+    assert templates.context_processors[0] is site
+    assert len(templates.context_processors) == 2
+    setup_templates(templates)  # already personalized: nothing added
+    assert len(templates.context_processors) == 2
+    assert type(templates) is PersonalizeTemplates
+    assert "impression" in templates.env.globals and "url_for" in templates.env.globals
+    with pytest.raises(AssertionError):
+        PersonalizeTemplates()  # type: ignore[call-overload]
+
+
+def test_setup_templates_makes_a_plain_instance_personalized() -> None:
+    templates = Jinja2Templates(env=page_env())
+    setup_templates(templates)
+    assert type(templates) is PersonalizeTemplates
+    assert "experience" in next(iter(templates.env.extensions.values())).tags
+
+
+def test_setup_templates_keeps_an_apps_own_subclass() -> None:
+    """A Jinja2Templates subclass of the app keeps its methods; ours run first."""
+
+    class ShopTemplates(Jinja2Templates):
+        def get_template(self, name: str) -> jinja2.Template:
+            return super().get_template("plain.html" if name == "old.html" else name)
+
+    first, second = ShopTemplates(env=page_env()), ShopTemplates(env=page_env())
+    setup_templates(first)
+    setup_templates(second)
+    assert isinstance(first, PersonalizeTemplates) and isinstance(first, ShopTemplates)
+    assert type(first) is type(second)  # one class per app class, not one per call
+    assert type(first).__name__ == "ShopTemplates"
+
+    async def page(request: Request) -> Response:
+        return first.TemplateResponse(request, "old.html")
+
+    with TestClient(Starlette(routes=[Route("/", page)])) as client:
+        assert client.get("/").text == "plain 2"
+
+
+def test_the_jinja_package_uses_no_private_starlette_name() -> None:
+    """Regression: setup_templates used to copy Starlette's private _TemplateResponse code."""
+    package = Path(personalize_middleware.jinja.__file__).parent
+    for module in package.glob("*.py"):
+        tree = ast.parse(module.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("starlette"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{module.name} imports {private} from {node.module}"
+        assert "_TemplateResponse" not in module.read_text(), module.name
+
+
+def test_jinja_package_exports() -> None:
+    exported = personalize_middleware.jinja.__all__
+    assert exported == sorted(exported)
+    assert {
+        "PersonalizeExtension",
+        "PersonalizeTemplates",
+        "PersonalizedTemplateResponse",
+        "TemplateExperience",
+        "setup_jinja",
+        "setup_templates",
+    } <= set(exported)

@@ -274,3 +274,18 @@ async def test_events_memory_is_bounded_but_the_report_counts_everything() -> No
     assert hero.total.impressions == 5
     with pytest.raises(ConfigurationError, match="max_events"):
         LocalBackend(sample_file_path(), max_events=0)
+
+
+async def test_report_rows_are_bounded_after_a_restart_too(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    backend = LocalBackend(sample_file_path(), events_log=log, max_report_rows=2)
+    context = await hero_context(backend)
+    clicks = [element(context, action=ACTION_CLICKED, b_id=f"b{i}") for i in range(5)]
+    await backend.track_events(clicks)
+    restarted = LocalBackend(sample_file_path(), events_log=log, max_report_rows=2)
+    for report in (backend.report(), restarted.report()):
+        hero = next(e for e in report.experiences if e.key == "hero-banner")
+        assert [b.label for b in hero.b_ids] == ["b0", "b1"]
+        assert hero.other_b_ids is not None and hero.other_b_ids.clicks == 3
+    with pytest.raises(ConfigurationError, match="max_report_rows"):
+        LocalBackend(sample_file_path(), max_report_rows=0)

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import ast
+import html
+import importlib.resources
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import personalize_middleware.local
+from personalize_middleware import ConfigurationError, EventAction, EventElement
 from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
 from personalize_middleware.local import (
+    DEFAULT_MAX_REPORT_ROWS,
+    OTHER_B_IDS_LABEL,
+    OTHER_EXPERIENCES_KEY,
+    OTHER_VARIATIONS_LABEL,
+    ExperienceReport,
     LocalBackend,
     Report,
+    ReportCounter,
     ReportRow,
+    ReportSource,
     local_report_app,
     render_report,
 )
@@ -52,7 +65,7 @@ def two_variation_backend(name: str = "Hero") -> LocalBackend:
     )
 
 
-def action(context: dict[str, Any], kind: str, b_id: str | None = None) -> dict[str, Any]:
+def action(context: dict[str, Any], kind: str, b_id: str | None = None) -> EventAction:
     attributes = dict(context)
     if b_id is not None:
         attributes["b_id"] = b_id
@@ -157,7 +170,10 @@ async def test_html_escapes_everything_and_has_no_script() -> None:
     )
     page = render_report(backend.report(), title="Report <b>")
     assert "<script" not in page
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
+    # Jinja's autoescape (markupsafe) writes a double quote as &#34; (html.escape: &quot;).
+    escaped = "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&amp;"
+    assert page.count(escaped) == 2  # the experience's name and the clicked b_id
+    assert EVIL not in page and html.unescape(page).count(EVIL) == 2
     assert "Report &lt;b&gt;" in page
     assert "http://" not in page and "https://" not in page  # no third-party asset
     # A bar at 100% for the clicked b_id's 1 click over 1 impression.
@@ -190,3 +206,215 @@ async def test_report_app_serves_the_page_and_json_under_any_prefix() -> None:
         post = await client.post("/")
         assert post.status_code == 405
         assert post.headers["allow"] == "GET, HEAD"
+
+
+# -- the report's sources: a counter anyone can feed ------------------------------------
+
+
+def unknown_context(name: str = "Made elsewhere", variation: str = "4") -> dict[str, Any]:
+    return {
+        "cid": "ffffffffffffffffffffffff_F_T_WP_AB_1_P_0_AU_9",
+        "experience": name,
+        "moe_locale_id": "0",
+        "moe_variation_id": variation,
+        "audience_name": "X",
+        "audience_id": "9",
+        "type": "Web Personalization",
+    }
+
+
+def test_a_counter_without_a_file_groups_by_the_experience_name() -> None:
+    counter = ReportCounter()
+    counter.record(ACTION_SHOWN, unknown_context())
+    counter.record(ACTION_CLICKED, {**unknown_context(), "b_id": "Buy"})
+    counter.record(ACTION_CLICKED, unknown_context(), b_id="Later", experience_key="promo")
+    report = counter.report()
+    assert [e.key for e in report.experiences] == ["Made elsewhere", "promo"]
+    made = report.experiences[0]
+    assert (made.total.impressions, made.total.clicks) == (1, 1)
+    assert [(b.label, b.clicks) for b in made.b_ids] == [("Buy", 1)]
+    assert report.experiences[1].b_ids[0].label == "Later"
+    assert report.events_recorded == 3
+
+
+async def test_record_elements_counts_what_any_backend_sent() -> None:
+    """The elements a backend's ``track_events`` took, counted like the local backend
+    counts them: the same report for the same events."""
+    backend = two_variation_backend()
+    user, context = await user_in(backend, "1")
+    elements: list[EventElement] = [
+        {
+            "customer_id": user,
+            "actions": [
+                action(context, ACTION_SHOWN),
+                action(context, ACTION_CLICKED, "Add to Cart"),
+            ],
+        }
+    ]
+    # A b_id beside the attributes (which the local backend accepts) is read too.
+    beside = action(context, ACTION_CLICKED)
+    beside["b_id"] = "Wishlist"  # type: ignore[typeddict-unknown-key]
+    elements.append({"customer_id": user, "actions": [beside]})
+    counter = ReportCounter(backend.experiences)
+    assert counter.record_elements(elements) == 3
+    await backend.track_events(elements)
+    assert counter.report() == backend.report()
+    hero = next(e for e in counter.report().experiences if e.key == "hero")
+    assert {b.label for b in hero.b_ids} == {"Add to Cart", "Wishlist"}
+
+
+def test_the_local_backend_owns_a_counter_and_uses_its_row_limit() -> None:
+    backend = LocalBackend(two_variation_backend().experiences, max_report_rows=3)
+    assert isinstance(backend.report_counter, ReportCounter)
+    assert backend.report_counter.max_rows == 3
+    assert ReportCounter().max_rows == DEFAULT_MAX_REPORT_ROWS == 50
+    with pytest.raises(ConfigurationError, match="max_rows"):
+        ReportCounter(max_rows=0)
+
+
+async def test_report_app_serves_any_report_source() -> None:
+    counter = ReportCounter()
+    counter.record(ACTION_SHOWN, unknown_context(name="Counted elsewhere"))
+
+    class Fixed:
+        def report(self) -> Report:
+            return Report(experiences=(), events_recorded=7, duplicates_ignored=0)
+
+    assert isinstance(counter, ReportSource) and isinstance(Fixed(), ReportSource)
+    for source, expected in ((counter, "Counted elsewhere"), (Fixed(), "7 events recorded")):
+        transport = httpx.ASGITransport(app=local_report_app(source))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert expected in (await client.get("/")).text
+    with pytest.raises(TypeError, match=r"report\(\) method"):
+        local_report_app(object())  # type: ignore[arg-type]
+
+
+async def test_head_answers_the_pages_headers_without_its_body() -> None:
+    transport = httpx.ASGITransport(app=local_report_app(two_variation_backend()))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        page = await client.get("/report")
+        head = await client.head("/report")
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(page.content))
+    assert head.headers["content-type"] == page.headers["content-type"]
+    assert head.headers["content-security-policy"] == page.headers["content-security-policy"]
+
+
+# -- memory bound ------------------------------------------------------------------------
+
+FLOOD = 10_000
+
+
+async def test_regression_a_flood_of_distinct_b_ids_keeps_the_report_bounded() -> None:
+    """Each new b_id used to add a row forever: 10,000 distinct ones, 10,000 rows."""
+    backend = two_variation_backend()
+    user, context = await user_in(backend, "1")
+    for start in range(0, FLOOD, 100):  # the API's 100 elements a call
+        await backend.track_events(
+            [
+                {"customer_id": user, "actions": [action(context, ACTION_CLICKED, f"b{i}")]}
+                for i in range(start, start + 100)
+            ]
+        )
+    await backend.track_events([{"customer_id": user, "actions": [action(context, ACTION_SHOWN)]}])
+    hero = next(e for e in backend.report().experiences if e.key == "hero")
+    assert len(hero.b_ids) == DEFAULT_MAX_REPORT_ROWS
+    assert hero.other_b_ids is not None
+    assert hero.other_b_ids.label == OTHER_B_IDS_LABEL
+    assert hero.other_b_ids.clicks == FLOOD - DEFAULT_MAX_REPORT_ROWS
+    assert sum(b.clicks for b in hero.b_ids) + hero.other_b_ids.clicks == FLOOD
+    assert hero.total.clicks == FLOOD and hero.other_b_ids.impressions == 1
+    # The first b_ids seen keep their rows: their counts are exact.
+    assert {b.label for b in hero.b_ids} == {f"b{i}" for i in range(DEFAULT_MAX_REPORT_ROWS)}
+    data = backend.report().to_json()["experiences"][0]
+    assert len(data["b_ids"]) == DEFAULT_MAX_REPORT_ROWS
+    assert data["other_b_ids"]["clicks"] == FLOOD - DEFAULT_MAX_REPORT_ROWS
+    page = render_report(backend.report())
+    assert page.count("<tr") < 3 * DEFAULT_MAX_REPORT_ROWS
+    assert f'<tr class="other"><td>{OTHER_B_IDS_LABEL}</td>' in page
+
+
+def test_regression_a_flood_of_distinct_variations_keeps_the_report_bounded() -> None:
+    backend = two_variation_backend()
+    counter = ReportCounter(backend.experiences, max_rows=10)
+    hero_cid = next(iter(backend.experiences.experiences.values()))
+    cid = hero_cid.cid(hero_cid.audiences[0])
+    for i in range(FLOOD):
+        counter.record(ACTION_SHOWN, {**unknown_context(variation=f"v{i}"), "cid": cid})
+    for known in ("1", "2"):  # the file's own variations still get their rows
+        counter.record(
+            ACTION_SHOWN, {**unknown_context(variation=known), "audience_id": "1A", "cid": cid}
+        )
+    hero = next(e for e in counter.report().experiences if e.key == "hero")
+    assert len(hero.variations) == 12
+    assert "Blue (1) · All" in {v.label for v in hero.variations}
+    assert hero.other_variations is not None
+    assert hero.other_variations.label == OTHER_VARIATIONS_LABEL
+    assert hero.other_variations.impressions == FLOOD - 10
+    assert sum(v.impressions for v in hero.variations) + hero.other_variations.impressions == (
+        hero.total.impressions
+    )
+    assert hero.total.impressions == FLOOD + 2
+
+
+def test_regression_a_flood_of_unknown_experiences_keeps_the_report_bounded() -> None:
+    counter = ReportCounter(two_variation_backend().experiences, max_rows=5)
+    for i in range(FLOOD):
+        counter.record(ACTION_SHOWN, unknown_context(name=f"spam {i}"), b_id=f"b{i}")
+        counter.record(ACTION_CLICKED, unknown_context(name=f"spam {i}", variation=f"{i}"))
+    report = counter.report()
+    assert [e.key for e in report.experiences][:2] == ["hero", "quiet"]
+    assert len(report.experiences) == 2 + 5
+    other = report.other_experiences
+    assert isinstance(other, ExperienceReport)
+    assert other.key == OTHER_EXPERIENCES_KEY
+    assert (other.total.impressions, other.total.clicks) == (FLOOD - 5, FLOOD - 5)
+    assert len(other.variations) <= 5 and other.other_variations is not None
+    listed = sum(e.total.impressions for e in report.experiences)
+    assert listed + other.total.impressions == FLOOD == report.events_recorded // 2
+    assert report.to_json()["other_experiences"]["total"]["impressions"] == FLOOD - 5
+    page = render_report(report)
+    assert "Other experiences" in page and OTHER_EXPERIENCES_KEY in page
+
+
+def test_other_rows_are_absent_until_something_overflows() -> None:
+    counter = ReportCounter()
+    counter.record(ACTION_CLICKED, unknown_context(), b_id="Buy")
+    report = counter.report()
+    assert report.other_experiences is None
+    assert report.experiences[0].other_b_ids is None
+    assert report.experiences[0].other_variations is None
+    data = report.to_json()
+    assert data["other_experiences"] is None
+    assert data["experiences"][0]["other_b_ids"] is None
+    assert 'class="other"' not in render_report(report)
+
+
+# -- packaging and structure -------------------------------------------------------------
+
+
+def test_the_template_ships_inside_the_package() -> None:
+    templates = importlib.resources.files("personalize_middleware.local") / "templates"
+    assert "<!doctype html>" in (templates / "report.html").read_text(encoding="utf-8")
+
+
+def test_no_import_cycle_inside_local_counting_type_checking_imports() -> None:
+    package = Path(personalize_middleware.local.__file__).parent
+    edges: dict[str, set[str]] = {}
+    for source in package.glob("*.py"):
+        targets = edges.setdefault(source.stem, set())
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    targets.add(node.module.split(".")[0])
+                else:
+                    targets.update(alias.name for alias in node.names)
+    assert edges["_report_app"] == {"_report"}  # the page knows the report, not a backend
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, " -> ".join((*path, module))
+        for target in edges.get(module, ()):
+            visit(target, (*path, module))
+
+    for module in edges:
+        visit(module, ())

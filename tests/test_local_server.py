@@ -377,6 +377,22 @@ def test_report_is_served_beside_the_api(server: Server) -> None:
     assert "Homepage hero banner" in page.text
 
 
+def test_report_counts_events_sent_over_http_on_the_page_and_in_json(server: Server) -> None:
+    context = hero_context(server)
+    elements = [event_element(context), event_element(context, ACTION_CLICKED, b_id="<Buy>")]
+    assert server.call("POST", "/experiences/events", json={"elements": elements}).is_success
+    data = server.http.get(server.base + "/report/report.json")
+    assert data.status_code == 200
+    assert data.headers["content-type"] == "application/json"
+    hero = next(e for e in data.json()["experiences"] if e["key"] == "hero-banner")
+    assert (hero["total"]["impressions"], hero["total"]["clicks"]) == (1, 1)
+    assert hero["b_ids"] == [{"label": "<Buy>", "impressions": 1, "clicks": 1, "ctr": 1.0}]
+    assert hero["other_b_ids"] is None
+    page = server.http.get(server.base + "/report/")
+    assert "&lt;Buy&gt;" in page.text and "<Buy>" not in page.text
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+
+
 def test_secret_is_never_in_an_answer(server: Server) -> None:
     bad = server.call("GET", "/experiences/metadata", headers=auth_headers(secret=SECRET + "x"))
     assert SECRET not in bad.text

@@ -33,6 +33,7 @@ from personalize_middleware import (
     PersonalizeClient,
     PersonalizeMiddleware,
     PersonalizeSettings,
+    RetryPolicy,
     setup_templates,
 )
 from personalize_middleware.upstream._breaker import CircuitBreaker
@@ -165,8 +166,8 @@ async def test_the_secret_never_appears_in_logs_pages_reprs_or_errors(
     assert app.tracking is not None
     batcher = app.tracking.batcher
     # Retry quickly: each fault below must reach the events endpoint within the test.
-    batcher.flush_interval = batcher.backoff_initial = batcher.auth_pause = 0.05
-    batcher.backoff_max = 0.1
+    batcher.flush_interval = 0.05
+    batcher.policy = RetryPolicy(auth_pause=0.05, backoff_initial=0.05, backoff_max=0.1)
     async with client:
         # Healthy: personalized pages, hooks, beacons, events delivered.
         for i in range(3):

@@ -16,9 +16,8 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.testclient import TestClient
 
-from personalize_middleware import Identity, PersonalizeMiddleware
+from personalize_middleware import Identity, PersonalizeMiddleware, setup_templates
 from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
-from personalize_middleware.jinja._extension import setup_templates
 from tests.support.tracking_helpers import StaticBackend, context_for
 
 PAGE = """\

@@ -355,7 +355,7 @@ async def test_derived_encoding_is_not_part_of_the_experience(site: tuple[Any, .
     fresh = Experience.from_api("hero", api_experience("hero", {"Title": "Sale"}))
     before = repr(hero)
     assert tracking.token_for(handle, hero) is not None
-    assert hero._derived and not fresh._derived  # the cache is filled on first use
+    assert hero.derived and not fresh.derived  # the cache is filled on first use
     assert hero == fresh and repr(hero) == before == repr(fresh)
     assert hero.to_api() == fresh.to_api()
 

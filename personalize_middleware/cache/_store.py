@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from cachetools import LRUCache, TTLCache
 
-from .._exceptions import APIError, PersonalizeError
-from .._interfaces import PersonalizeBackend
+from .._exceptions import APIError, CircuitOpenError, PersonalizeError
+from .._interfaces import PersonalizeBackend, SharedLayer
 from .._logging import RateLimitedLog
-from .._models import Experience, Identity
-from ..upstream._breaker import CircuitBreaker, CircuitOpenError
+from .._models import CachedExperience, Experience, FetchQuery, Identity
+from ..upstream import CircuitBreaker
 
 __all__ = [
     "DEFAULT_CACHE_MAXSIZE",
@@ -40,10 +39,7 @@ __all__ = [
     "DEFAULT_MAX_CONCURRENT_FETCHES",
     "DEFAULT_STALE_IF_ERROR",
     "DEFAULT_STALE_WHILE_REVALIDATE",
-    "CachedExperience",
     "ExperienceStore",
-    "FetchQuery",
-    "SharedLayer",
     "StoreStats",
 ]
 
@@ -62,58 +58,6 @@ DEFAULT_MAX_CONCURRENT_FETCHES = 100
 _INTERN_SIZE = 4096
 
 
-class FetchQuery:
-    """Who is asking and in which context: everything the answer depends on."""
-
-    __slots__ = (
-        "_context_hash",
-        "_identity_hash",
-        "attributes",
-        "context_key",
-        "identity",
-        "identity_key",
-    )
-
-    def __init__(self, identity: Identity, attributes: Mapping[str, str]) -> None:
-        self.identity = identity
-        self.attributes = attributes
-        # Computed once: read several times a request (identities are immutable).
-        self.identity_key: str = identity.cache_key
-        self.context_key: tuple[tuple[str, str], ...] = tuple(sorted(attributes.items()))
-        self._identity_hash: str | None = None
-        self._context_hash: str | None = None
-
-    @property
-    def identity_hash(self) -> str:
-        """A digest of the identity (no personal data in shared cache keys)."""
-        if self._identity_hash is None:
-            self._identity_hash = _digest(self.identity_key)
-        return self._identity_hash
-
-    @property
-    def context_hash(self) -> str:
-        if self._context_hash is None:
-            self._context_hash = _digest(json.dumps(self.context_key, separators=(",", ":")))
-        return self._context_hash
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-def identity_hash(identity: Identity) -> str:
-    """The digest ``FetchQuery.identity_hash`` uses, for invalidation by identity."""
-    return _digest(identity.cache_key)
-
-
-@dataclass(frozen=True, slots=True)
-class CachedExperience:
-    """One cached answer for one key: the experience, or ``None`` for "no match"."""
-
-    experience: Experience | None
-    fetched_at: float
-
-
 @dataclass(slots=True)
 class StoreStats:
     """Counters, readable by the app (``middleware.store.stats``)."""
@@ -129,39 +73,6 @@ class StoreStats:
     shed: int = 0
     interned: int = 0
     extra: dict[str, int] = field(default_factory=dict)
-
-
-FetchFn = Callable[[], Awaitable[dict[str, CachedExperience]]]
-
-
-class SharedLayer(Protocol):
-    """A cache and coordination layer shared by processes (L2), e.g. Redis.
-
-    Implementations never raise on their own failures (they degrade and log); ``coordinate``
-    may raise the ``APIError`` of the upstream call or a ``RateLimitedError`` when the
-    shared budget is spent.
-    """
-
-    async def get(self, query: FetchQuery, keys: Collection[str]) -> dict[str, CachedExperience]:
-        """Whatever L2 holds for these keys, at any age."""
-        ...
-
-    async def set(
-        self, query: FetchQuery, entries: Mapping[str, CachedExperience], retention: float
-    ) -> None: ...
-
-    async def invalidate(self, identity: Identity) -> None: ...
-
-    async def coordinate(
-        self, query: FetchQuery, keys: Collection[str], fetch: FetchFn
-    ) -> dict[str, CachedExperience]:
-        """Run ``fetch`` unless another process is already fetching the same thing (then
-        wait for its result in L2), and only within the workspace's rate budget."""
-        ...
-
-    async def start(self) -> None: ...
-
-    async def aclose(self) -> None: ...
 
 
 _Contexts = dict[tuple[tuple[str, str], ...], dict[str, CachedExperience]]

@@ -15,13 +15,14 @@ from typing import Any, Self
 import anyio.to_thread
 
 from .._config import positive_int
+from .._contract import attributes_body, identifiers_body, statuses_query, unique_keys
 from .._exceptions import BadRequestError, ConfigurationError
 from .._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
-from ..upstream._client import _attributes, _identifiers, _statuses, _unique_keys
+from ._counter import DEFAULT_MAX_REPORT_ROWS, ReportCounter
 from ._engine import evaluate
 from ._file import load_experiences_file, load_sample_file, parse_experiences
 from ._model import ExperiencesFile
-from ._report import RecordedEvent, Report, ReportCounter
+from ._report import RecordedEvent, Report
 from ._wire import WireError, error_code, validate_elements, validate_session_attributes
 
 __all__ = ["DEFAULT_MAX_EVENTS", "LocalBackend"]
@@ -42,7 +43,8 @@ class LocalBackend:
     start-up. Events are validated like the API validates them, de-duplicated on
     ``moe_event_uuid``, kept in memory (``events``, ``report()``) and, with ``events_log``,
     appended to that JSON Lines file (whose earlier lines are read back at start-up, so the
-    report survives a restart).
+    report survives a restart). ``max_events`` bounds ``events``; ``max_report_rows`` bounds
+    the report's rows (see ``ReportCounter``), whose counts stay exact.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class LocalBackend:
         *,
         events_log: str | os.PathLike[str] | None = None,
         max_events: int = DEFAULT_MAX_EVENTS,
+        max_report_rows: int = DEFAULT_MAX_REPORT_ROWS,
     ) -> None:
         if isinstance(path_or_data, ExperiencesFile):
             self._file = path_or_data
@@ -60,7 +63,9 @@ class LocalBackend:
             self._file = load_experiences_file(path_or_data)
         self._events: deque[RecordedEvent] = deque(maxlen=positive_int("max_events", max_events))
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._counter = ReportCounter(self._file)
+        self._counter = ReportCounter(
+            self._file, max_rows=positive_int("max_report_rows", max_report_rows)
+        )
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._events_log = Path(events_log) if events_log is not None else None
@@ -88,6 +93,11 @@ class LocalBackend:
         with self._lock:
             return tuple(self._events)
 
+    @property
+    def report_counter(self) -> ReportCounter:
+        """The counter this backend records its accepted events in."""
+        return self._counter
+
     def report(self) -> Report:
         """Impressions, clicks and CTR per experience, per variation and per ``b_id``."""
         return self._counter.report()
@@ -114,13 +124,13 @@ class LocalBackend:
         works locally works against MoEngage); in process there is no 25-key limit.
         """
         # The client's own argument checks: one behaviour for both backends.
-        unique_keys = _unique_keys(keys)
-        _identifiers(customer_id, user_identifiers)
-        _attributes(attributes)
-        if not unique_keys:
+        wanted = unique_keys(keys)
+        identifiers_body(customer_id, user_identifiers)
+        attributes_body(attributes)
+        if not wanted:
             return {}
         wire = self.evaluate(
-            unique_keys,
+            wanted,
             customer_id=customer_id,
             user_identifiers=user_identifiers,
             attributes=attributes,
@@ -159,7 +169,7 @@ class LocalBackend:
         """Every experience of the file, filtered by status; like ``PersonalizeClient``, a
         status in the wrong case raises ``ConfigurationError`` and a string may hold
         comma-separated values."""
-        return self.metadata(_statuses(statuses) or None)
+        return self.metadata(statuses_query(statuses) or None)
 
     def metadata(self, statuses: Iterable[str] | None = None) -> list[ExperienceMetadata]:
         """Synchronous ``fetch_metadata``: unknown statuses simply match nothing."""
@@ -230,9 +240,9 @@ class LocalBackend:
                     self._seen.popitem(last=False)
                 self._events.append(event)
         if duplicate:
-            self._counter.add_duplicate()
+            self._counter.record_duplicate()
         else:
-            self._counter.add(event)
+            self._counter.record_event(event)
         return not duplicate
 
     def _append_to_log(self, events: list[RecordedEvent]) -> None:

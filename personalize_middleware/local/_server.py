@@ -28,7 +28,7 @@ from .._config import PersonalizeSettings
 from .._exceptions import BadRequestError
 from .._models import EventElement
 from ._backend import LocalBackend
-from ._report import local_report_app
+from ._report_app import local_report_app
 from ._wire import WireError, error_code, validate_events_body, validate_fetch_body
 
 __all__ = ["MAX_BODY_BYTES", "create_local_server"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ._batcher import BatcherStats, EventBatcher
 from ._hooks import CLICK_ATTR, DEFAULT_TOKEN_TTL, IMPRESSION_ATTR, Tracking, TrackingStats
+from ._recorder import EventRecorder
 from ._tokens import (
     MAX_B_ID_LENGTH,
     TrackingToken,
@@ -22,6 +23,7 @@ __all__ = [
     "MAX_B_ID_LENGTH",
     "BatcherStats",
     "EventBatcher",
+    "EventRecorder",
     "Tracking",
     "TrackingStats",
     "TrackingToken",

@@ -8,9 +8,9 @@ seconds after the first one was queued, and sends them with ``track_events``. Th
 answer                 what happens
 =====================  ===================================================================
 success                counted in ``sent``
-5xx, 429, timeout      retried with exponential backoff and full jitter (at least the
-                       ``Retry-After`` of a 429), the SAME ``moe_event_uuid``s, up to
-                       ``max_retries`` times, then dropped with an error log
+5xx, 429, timeout      retried with the ``RetryPolicy``'s backoff with jitter (at least
+                       the ``Retry-After`` of a 429), the SAME ``moe_event_uuid``s, up
+                       to ``max_retries`` times, then dropped with an error log
 400                    the batch is split in halves until the refused action is alone;
                        only that one is dropped (with a log line), the rest is delivered.
                        Splits are budgeted per batch (about 2*log2(n)): when everything
@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
-import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -46,6 +46,7 @@ from .._exceptions import APIError, AuthenticationError, BadRequestError, Config
 from .._interfaces import PersonalizeBackend
 from .._logging import RateLimitedLog
 from .._models import EventAction, EventElement
+from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
 __all__ = [
     "DEFAULT_FLUSH_INTERVAL",
@@ -61,9 +62,6 @@ DEFAULT_MAX_QUEUE = 10_000
 DEFAULT_MAX_ELEMENTS = 100
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_RETRIES = 8
-DEFAULT_BACKOFF_INITIAL = 0.5
-DEFAULT_BACKOFF_MAX = 30.0
-DEFAULT_AUTH_PAUSE = 60.0
 DEFAULT_CALL_TIMEOUT = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 
@@ -109,9 +107,10 @@ class EventBatcher:
         max_elements: int = DEFAULT_MAX_ELEMENTS,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_retries: int = DEFAULT_MAX_RETRIES,
-        backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
-        backoff_max: float = DEFAULT_BACKOFF_MAX,
-        auth_pause: float = DEFAULT_AUTH_PAUSE,
+        policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        backoff_initial: float | None = None,
+        backoff_max: float | None = None,
+        auth_pause: float | None = None,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     ) -> None:
@@ -121,9 +120,6 @@ class EventBatcher:
             raise ConfigurationError("max_queue must be >= 1, max_retries >= 0", field="max_queue")
         for name, value in (
             ("flush_interval", flush_interval),
-            ("backoff_initial", backoff_initial),
-            ("backoff_max", backoff_max),
-            ("auth_pause", auth_pause),
             ("call_timeout", call_timeout),
             ("shutdown_timeout", shutdown_timeout),
         ):
@@ -133,9 +129,18 @@ class EventBatcher:
         self.max_elements = max_elements
         self.flush_interval = flush_interval
         self.max_retries = max_retries
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.auth_pause = auth_pause
+        shortcuts = {
+            name: value
+            for name, value in (
+                ("backoff_initial", backoff_initial),
+                ("backoff_max", backoff_max),
+                ("auth_pause", auth_pause),
+            )
+            if value is not None
+        }
+        #: Backoff between attempts and the 401 / 429 pauses (``backoff_initial``,
+        #: ``backoff_max`` and ``auth_pause`` are shortcuts that override its fields).
+        self.policy = dataclasses.replace(policy, **shortcuts) if shortcuts else policy
         self.call_timeout = call_timeout
         self.shutdown_timeout = shutdown_timeout
         self.stats = BatcherStats()
@@ -306,9 +311,9 @@ class EventBatcher:
                     "kept, next try in %.0fs. Check the workspace id and the Personalize "
                     "API secret (regenerating it invalidates the old one).",
                     len(pairs),
-                    self.auth_pause,
+                    self.policy.auth_pause,
                 )
-                if not await self._pause(self.auth_pause):
+                if not await self._pause(self.policy.auth_pause):
                     return self._drop(pairs, "failed", "shutdown during the 401 pause")
                 continue
             except (APIError, TimeoutError) as exc:
@@ -319,7 +324,7 @@ class EventBatcher:
                 if attempt > self.max_retries:
                     return self._drop(pairs, "failed", f"gave up after {attempt} tries: {exc}")
                 self.stats.retried += len(pairs)
-                if not await self._pause(self._backoff(attempt, exc)):
+                if not await self._pause(self.policy.backoff(attempt, exc)):
                     return self._drop(pairs, "shutdown", "shutdown deadline during retries")
                 continue
             except Exception as exc:
@@ -364,14 +369,6 @@ class EventBatcher:
         middle = len(pairs) // 2
         await self._deliver(pairs[:middle], splits)
         await self._deliver(pairs[middle:], splits)
-
-    def _backoff(self, attempt: int, exc: BaseException) -> float:
-        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))
-        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
-        retry_after = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, int | float):
-            delay = max(delay, float(retry_after))
-        return delay
 
     async def _pause(self, delay: float) -> bool:
         """Sleep ``delay`` seconds (cut short by shutdown to what its deadline leaves);

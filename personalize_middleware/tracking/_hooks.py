@@ -16,7 +16,6 @@ import importlib.resources
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from markupsafe import Markup, escape
@@ -31,16 +30,15 @@ from ._batcher import (
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_QUEUE,
     DEFAULT_SHUTDOWN_TIMEOUT,
-    BatcherStats,
     EventBatcher,
 )
-from ._endpoint import BeaconEndpoint
+from ._endpoint import BeaconEndpoint, EndpointPaths
+from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     _DERIVED_KEY,
     _IMPRESSION_PART,
     MAX_B_ID_LENGTH,
     TOKEN_PURPOSE,
-    InvalidTokenError,
     TrackingToken,
     _cached_experience_part,
     _click_part,
@@ -55,14 +53,13 @@ from ._tokens import (
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
-    from .._personalization import Personalization
+    from .._interfaces import PageView
 
 __all__ = [
     "CLICK_ATTR",
     "DEFAULT_TOKEN_TTL",
     "IMPRESSION_ATTR",
     "MAX_B_ID_LENGTH",
-    "InvalidTokenError",
     "Tracking",
     "TrackingStats",
     "TrackingToken",
@@ -92,38 +89,6 @@ def _script() -> bytes:
         .joinpath("static/personalize.js")
         .read_bytes()
     )
-
-
-@dataclass(slots=True)
-class TrackingStats:
-    """Counters of the endpoint, plus the batcher's (``queued``, ``sent``, ...)."""
-
-    beacons: int = 0
-    accepted: int = 0
-    replays: int = 0
-    server_impressions: int = 0
-    rejected_malformed: int = 0
-    rejected_forbidden: int = 0
-    rejected_cross_site: int = 0
-    rejected_too_large: int = 0
-    unattributable: int = 0
-    batcher: BatcherStats = field(default_factory=BatcherStats)
-
-    @property
-    def queued(self) -> int:
-        return self.batcher.queued
-
-    @property
-    def sent(self) -> int:
-        return self.batcher.sent
-
-    @property
-    def retried(self) -> int:
-        return self.batcher.retried
-
-    @property
-    def dropped(self) -> int:
-        return self.batcher.dropped
 
 
 class Tracking:
@@ -190,13 +155,24 @@ class Tracking:
         self.script_hash = "sha256-" + base64.b64encode(digest).decode("ascii")
         self.script_path = f"{prefix}/personalize.{digest.hex()[:12]}.js"
         self.events_path = f"{prefix}/events"
+        #: Where verified events go (the endpoint's beacons, server-side impressions).
+        self.recorder = EventRecorder(
+            keyring=keyring,
+            queue=self.batcher,
+            stats=self.stats,
+            # A token cannot be replayed after it expires: its lifetime (+ clock slack).
+            replay_window=self.token_ttl + 60,
+            replay_cache_size=replay_cache_size,
+        )
         self._endpoint = BeaconEndpoint(
-            self,
+            keyring=keyring,
+            sink=self.recorder,
+            stats=self.stats,
+            paths=EndpointPaths(prefix=prefix, events=self.events_path, script=self.script_path),
+            script=script,
             max_body=int(max_body),
             max_events=int(max_events_per_beacon),
             allowed_origins=allowed_origins,
-            replay_cache_size=replay_cache_size,
-            script=script,
         )
 
     def __repr__(self) -> str:
@@ -228,9 +204,10 @@ class Tracking:
 
     # -- template hooks ------------------------------------------------------------------------
 
-    def _new_page(self, handle: Personalization) -> tuple[Identity, bytes, str] | None:
+    def _new_page(self, handle: PageView) -> tuple[Identity, bytes, str] | None:
         """The parts of this page view's tokens that are the same for every element: the
-        MAC prefix (binding the identity) and ``.render_id.expires.``, kept on the handle;
+        MAC prefix (binding the identity) and ``.render_id.expires.``, kept in the page
+        view's ``tracking_state``;
         ``None`` when the visitor cannot be attributed (no resolved identity or no
         customer id)."""
         identity = handle.identity
@@ -238,22 +215,22 @@ class Tracking:
             self._log.debug("unattributable", "personalize: no customer id; hook left empty")
             return None
         tail = _page_tail(handle.render_id, int(time.time() + self.token_ttl))
-        page = handle._track_cache = (identity, _mac_prefix(identity), tail)
+        page = handle.tracking_state = (identity, _mac_prefix(identity), tail)
         return page
 
-    def _token(self, handle: Personalization, experience: Experience, element: str) -> str | None:
+    def _token(self, handle: PageView, experience: Experience, element: str) -> str | None:
         # The per-element work: look up the cached parts, concatenate, one HMAC.
-        page = handle._track_cache
+        page: tuple[Identity, bytes, str] | None = handle.tracking_state
         if page is None or page[0] is not handle.identity:
             page = self._new_page(handle)
             if page is None:
                 return None
-        part = experience._derived.get(_DERIVED_KEY) or _cached_experience_part(experience)
+        part: str = experience.derived.get(_DERIVED_KEY) or _cached_experience_part(experience)
         body = part + page[2] + element
         return body + "." + self.keyring.sign(TOKEN_PURPOSE, page[1] + body.encode("ascii"))
 
     def token_for(
-        self, handle: Personalization, experience: Experience, b_id: str | None = None
+        self, handle: PageView, experience: Experience, b_id: str | None = None
     ) -> str | None:
         """A signed token for ``experience`` on this page view, or ``None`` when the
         visitor cannot be attributed (no resolved identity or no customer id)."""
@@ -269,18 +246,32 @@ class Tracking:
                 self._click_parts[b_id] = part  # type: ignore[index]
         return part
 
-    def impression_attrs(self, handle: Personalization, experience: Experience) -> Markup:
+    def impression_attrs(self, handle: PageView, experience: Experience) -> Markup:
         """The attribute for the element showing ``experience``. With
         ``impressions="server"`` the impression is recorded now and nothing is emitted."""
         if self.impressions == "server":
             identity = handle.identity
             if identity is not None:
-                self._endpoint.record_server_impression(identity, handle.render_id, experience)
+                self._record_server_impression(identity, handle.render_id, experience)
             return _EMPTY
         token = self._token(handle, experience, _IMPRESSION_PART)
         return _EMPTY if token is None else _attr(_IMPRESSION_PREFIX, token)
 
-    def click_attrs(self, handle: Personalization, experience: Experience, b_id: object) -> Markup:
+    def _record_server_impression(
+        self, identity: Identity, render_id: str, experience: Experience
+    ) -> None:
+        # Once per page view and experience, however often the hook is rendered.
+        event = TrackingToken(
+            kind="shown",
+            key=experience.key,
+            context=experience.experience_context,
+            render_id=render_id,
+            expires=0,
+        )
+        if self.recorder.record(identity, event, time.time()):
+            self.stats.server_impressions += 1
+
+    def click_attrs(self, handle: PageView, experience: Experience, b_id: object) -> Markup:
         """The attribute for a clickable element inside ``experience``; ``b_id`` names it
         (``"Add to Cart"``). Raises ``TemplateUsageError`` for an invalid ``b_id``."""
         token = self._token(handle, experience, self._click_part(b_id))

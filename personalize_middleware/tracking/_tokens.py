@@ -37,14 +37,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .._exceptions import TemplateUsageError
+from .._exceptions import InvalidTokenError, TemplateUsageError
 from .._models import Experience, Identity
 from .._signing import Keyring, b64url_decode, b64url_encode
 
 __all__ = [
     "MAX_B_ID_LENGTH",
     "TOKEN_PURPOSE",
-    "InvalidTokenError",
     "TrackingToken",
     "decode_token",
     "decode_tokens",
@@ -61,12 +60,8 @@ _MAX_TOKEN_CHARS = 8192
 _MAX_CONTEXT_BYTES = 16384  # inflated size cap: a signed token is ours, but stay bounded
 _IDENTITY_LABEL = b"personalize-middleware/track-identity\x00"
 _RENDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_DERIVED_KEY = "track"  # this module's entry in Experience._derived
+_DERIVED_KEY = "track"  # this module's entry in Experience.derived
 _DECODED_LIMIT = 1024  # experience parts the endpoint keeps decoded
-
-
-class InvalidTokenError(ValueError):
-    """A tracking token that is malformed, forged, expired or someone else's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +96,9 @@ def _experience_part(key: str, context: Mapping[str, Any]) -> str:
 def _cached_experience_part(experience: Experience) -> str:
     """The experience part, encoded once per ``Experience`` object (its fields are
     immutable; the part holds no identity, so a shared experience can share it)."""
-    part = experience._derived.get(_DERIVED_KEY)
+    part = experience.derived.get(_DERIVED_KEY)
     if part is None:
-        part = experience._derived[_DERIVED_KEY] = _experience_part(
+        part = experience.derived[_DERIVED_KEY] = _experience_part(
             experience.key, experience.experience_context
         )
     return part

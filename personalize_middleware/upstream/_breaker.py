@@ -2,46 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 
-from .._exceptions import (
-    APIError,
-    AuthenticationError,
-    RateLimitedError,
-    UpstreamUnavailableError,
-)
+from .._exceptions import APIError, AuthenticationError, CircuitOpenError
 from .._logging import RateLimitedLog
+from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
 __all__ = [
-    "DEFAULT_AUTH_PAUSE",
     "DEFAULT_BREAKER_COOLDOWN",
     "DEFAULT_BREAKER_THRESHOLD",
-    "DEFAULT_MAX_RETRY_AFTER",
     "CircuitBreaker",
-    "CircuitOpenError",
 ]
 
 logger = logging.getLogger("personalize_middleware.breaker")
 
 DEFAULT_BREAKER_THRESHOLD = 5
 DEFAULT_BREAKER_COOLDOWN = 10.0
-DEFAULT_AUTH_PAUSE = 30.0
-DEFAULT_MAX_RETRY_AFTER = 60.0
-DEFAULT_RATE_LIMIT_PAUSE = 1.0
-
-
-class CircuitOpenError(UpstreamUnavailableError):
-    """No call was made: the breaker is open or fetching is paused."""
 
 
 class CircuitBreaker:
     """closed -> (threshold consecutive failures) -> open for ``cooldown`` -> half-open:
     one probe call; its success closes the circuit, its failure reopens it.
 
-    Independently, a 401 pauses calls for ``auth_pause`` (a wrong or rotated secret must
-    not be hammered) and a 429 pauses them for its ``Retry-After`` (capped).
+    Independently, the ``RetryPolicy`` pauses calls: a 401 for ``auth_pause`` (a wrong
+    or rotated secret must not be hammered), a 429 for its ``Retry-After`` (capped).
+    ``auth_pause`` here is a shortcut for ``policy=RetryPolicy(auth_pause=...)``.
     """
 
     def __init__(
@@ -49,14 +37,15 @@ class CircuitBreaker:
         *,
         threshold: int = DEFAULT_BREAKER_THRESHOLD,
         cooldown: float = DEFAULT_BREAKER_COOLDOWN,
-        auth_pause: float = DEFAULT_AUTH_PAUSE,
-        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        auth_pause: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
-        self.auth_pause = auth_pause
-        self.max_retry_after = max_retry_after
+        if auth_pause is not None:
+            policy = dataclasses.replace(policy, auth_pause=auth_pause)
+        self.policy = policy
         self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
@@ -98,18 +87,17 @@ class CircuitBreaker:
         self.probe_in_flight = False
 
     def record_failure(self, exc: APIError) -> None:
+        pause = self.policy.pause_for(exc)
+        if pause is not None:
+            self.pause(pause)
         if isinstance(exc, AuthenticationError):
-            self.pause(self.auth_pause)
             self._log.error(
                 "auth",
                 "personalize: MoEngage rejected the credentials (401). Check "
                 "MOENGAGE_WORKSPACE_ID / MOENGAGE_API_SECRET (a regenerated secret fails at "
                 "once). Fetching paused for %.0fs; pages render defaults.",
-                self.auth_pause,
+                self.policy.auth_pause,
             )
-        elif isinstance(exc, RateLimitedError):
-            wait = exc.retry_after if exc.retry_after is not None else DEFAULT_RATE_LIMIT_PAUSE
-            self.pause(min(max(wait, 0.0), self.max_retry_after))
         if not exc.retryable and not isinstance(exc, AuthenticationError):
             # A 400 is about the request, not the upstream's health.
             self.probe_in_flight = False

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import json
 import logging
-import math
 import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from datetime import UTC
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
 
 from .._config import PersonalizeSettings, mask_secret
+from .._contract import (
+    EVENTS_BATCH_SIZE,
+    FETCH_BATCH_SIZE,
+    attributes_body,
+    identifiers_body,
+    statuses_query,
+    unique_keys,
+)
 from .._exceptions import (
     APIError,
     AuthenticationError,
@@ -33,35 +38,22 @@ from .._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from .._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
+from .._models import EventElement, Experience, ExperienceMetadata
+from .._retry import parse_retry_after
+from .._version import __version__
 
-__all__ = [
-    "EVENTS_BATCH_SIZE",
-    "FETCH_BATCH_SIZE",
-    "KEEPALIVE_EXPIRY",
-    "MAX_RETRY_AFTER",
-    "PersonalizeClient",
-    "parse_retry_after",
-]
+__all__ = ["KEEPALIVE_EXPIRY", "PersonalizeClient"]
 
 logger = logging.getLogger("personalize_middleware.client")
 
-#: The API answers only the first 25 keys of a fetch; more are split into several calls.
-FETCH_BATCH_SIZE = 25
-#: The events API takes at most 100 elements (users) a call.
-EVENTS_BATCH_SIZE = 100
 #: Seconds an idle pooled connection is kept; short enough that the far end (or a load
 #: balancer in between) has not silently dropped it yet.
 KEEPALIVE_EXPIRY = 5.0
-#: A Retry-After beyond this is clamped: a bogus "retry in a day" must not park the app.
-MAX_RETRY_AFTER = 300.0
 
 FETCH_ENDPOINT = "POST /experiences/fetch"
 METADATA_ENDPOINT = "GET /experiences/metadata"
 EVENTS_ENDPOINT = "POST /experiences/events"
 
-# Body fields the client itself writes; an in-session attribute may not overwrite them.
-_RESERVED_BODY_FIELDS = frozenset({"identifiers", "experience_key"})
 
 _T = TypeVar("_T")
 
@@ -106,7 +98,6 @@ class PersonalizeClient:
         self._deadline = settings.connect_timeout + settings.read_timeout
 
     def _new_http(self) -> httpx.AsyncClient:
-        from .. import __version__  # here, not at import time: the package imports us
 
         settings = self._settings
         return httpx.AsyncClient(
@@ -185,14 +176,14 @@ class PersonalizeClient:
         from the result. No keys: no call, ``{}``. ``attributes`` (in-session attributes
         such as ``DAY_OF_THE_WEEK`` or ``utm_medium``) become top-level body fields.
         """
-        unique_keys = _unique_keys(keys)
-        identifiers = _identifiers(customer_id, user_identifiers)
-        extra = _attributes(attributes)
-        if not unique_keys:
+        wanted = unique_keys(keys)
+        identifiers = identifiers_body(customer_id, user_identifiers)
+        extra = attributes_body(attributes)
+        if not wanted:
             return {}
         bodies = [
             _dump({"identifiers": identifiers, "experience_key": chunk, **extra}, "attributes")
-            for chunk in _chunks(unique_keys, FETCH_BATCH_SIZE)
+            for chunk in _chunks(wanted, FETCH_BATCH_SIZE)
         ]
         if len(bodies) == 1:
             return await self._fetch_one(bodies[0])
@@ -232,7 +223,7 @@ class PersonalizeClient:
         an empty iterable: every status. A single string may hold comma-separated values.
         """
         url = self._metadata_url
-        wanted = _statuses(statuses)
+        wanted = statuses_query(statuses)
         if wanted:
             # Fixed vocabulary, so nothing to escape; the API wants a literal comma.
             url += "?status=" + ",".join(wanted)
@@ -354,32 +345,6 @@ class PersonalizeClient:
 # -- helpers (pure functions) ---------------------------------------------------------------
 
 
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP-date).
-
-    ``None`` when absent or unreadable; clamped to ``0..MAX_RETRY_AFTER``.
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive one means the same
-            when = when.replace(tzinfo=UTC)
-        current = time.time() if now is None else now
-        seconds = when.timestamp() - current
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-
-
 def _parse_json(endpoint: str, response: httpx.Response) -> Any:
     content = response.content
     if not content.strip():
@@ -413,79 +378,6 @@ def _error_fields(response: httpx.Response) -> tuple[str | None, str | None, str
         return value[:500] if isinstance(value, str) and value else None
 
     return text("title"), text("description"), text("code")
-
-
-def _unique_keys(keys: Iterable[str]) -> list[str]:
-    if isinstance(keys, str | bytes):
-        raise ConfigurationError(
-            "keys must be an iterable of experience keys, not a single string", field="keys"
-        )
-    unique = list(dict.fromkeys(keys))
-    for key in unique:
-        if not isinstance(key, str) or not key:
-            raise ConfigurationError(
-                f"experience keys must be non-empty strings, got {key!r}", field="keys"
-            )
-    return unique
-
-
-def _identifiers(
-    customer_id: str | None, user_identifiers: Mapping[str, str] | None
-) -> dict[str, Any]:
-    identifiers: dict[str, Any] = {}
-    if customer_id is not None:
-        if not isinstance(customer_id, str) or not customer_id:
-            raise ConfigurationError("customer_id must be a non-empty string", field="customer_id")
-        identifiers["customer_id"] = customer_id
-    if user_identifiers:
-        if not isinstance(user_identifiers, Mapping) or not all(
-            isinstance(k, str) and k and isinstance(v, str) for k, v in user_identifiers.items()
-        ):
-            raise ConfigurationError(
-                "user_identifiers must map identifier names to strings, e.g. {'u_em': 'a@b.c'}",
-                field="user_identifiers",
-            )
-        # WIRE.md: the spec types this as a string, but the API takes an object.
-        identifiers["user_identifiers"] = dict(user_identifiers)
-    if not identifiers:
-        raise ConfigurationError(
-            "fetch_experiences needs customer_id or user_identifiers", field="customer_id"
-        )
-    return identifiers
-
-
-def _attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
-    if not attributes:
-        return {}
-    if not isinstance(attributes, Mapping):
-        raise ConfigurationError("attributes must be a mapping", field="attributes")
-    for name in attributes:
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(
-                f"attribute names must be non-empty strings, got {name!r}", field="attributes"
-            )
-        if name in _RESERVED_BODY_FIELDS:
-            raise ConfigurationError(
-                f"attribute name {name!r} is reserved by the Fetch Experience body",
-                field="attributes",
-            )
-    return dict(attributes)
-
-
-def _statuses(statuses: Iterable[str] | None) -> list[str]:
-    if statuses is None:
-        return []
-    if isinstance(statuses, str):
-        statuses = [s.strip() for s in statuses.split(",") if s.strip()]
-    wanted = list(dict.fromkeys(statuses))
-    for status in wanted:
-        if status not in EXPERIENCE_STATUSES:
-            raise ConfigurationError(
-                f"unknown experience status {status!r}: use "
-                f"{', '.join(EXPERIENCE_STATUSES)} (case-sensitive)",
-                field="statuses",
-            )
-    return wanted
 
 
 def _dump(body: dict[str, Any], field: str) -> bytes:

@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from personalize_middleware import (
+    ExperienceStore,
     Identity,
     PersonalizeClient,
     PersonalizeSettings,
     RedisSharedLayer,
 )
-from personalize_middleware.cache._store import ExperienceStore, FetchQuery
+from personalize_middleware._models import FetchQuery
 from tests.support.redis_support import REDIS_URL, new_workspace
 
 __all__ = ["KEYS", "customer", "layer_of", "open_store", "query", "wait_until"]

@@ -76,12 +76,13 @@ async def _wait_for_go() -> None:
 
 async def _store_worker(config: dict[str, Any]) -> dict[str, Any]:
     from personalize_middleware import (
+        ExperienceStore,
         Identity,
         PersonalizeClient,
         PersonalizeSettings,
         RedisSharedLayer,
     )
-    from personalize_middleware.cache._store import ExperienceStore, FetchQuery
+    from personalize_middleware._models import FetchQuery
 
     settings = PersonalizeSettings(
         workspace_id="WS1", api_secret="secret-x", base_url=config["base_url"]

@@ -27,8 +27,7 @@ import json
 import math
 from typing import Any
 
-from ..._models import Experience
-from .._store import CachedExperience
+from ..._models import CachedExperience, Experience
 
 __all__ = [
     "CLAIM_SCRIPT",

@@ -26,19 +26,16 @@ from collections.abc import Collection, Coroutine, Mapping
 from typing import Any
 
 from ..._config import PersonalizeSettings, positive_int, positive_number
-from ..._exceptions import APIError, ConfigurationError, RateLimitedError
+from ..._contract import FETCH_BATCH_SIZE
+from ..._exceptions import APIError, CircuitOpenError, ConfigurationError, RateLimitedError
+from ..._interfaces import FetchFn
 from ..._logging import RateLimitedLog
-from ..._models import Identity
-from ...upstream._breaker import DEFAULT_MAX_RETRY_AFTER, CircuitOpenError
-from ...upstream._client import FETCH_BATCH_SIZE
+from ..._models import CachedExperience, FetchQuery, Identity, identity_hash
+from ..._retry import DEFAULT_RETRY_POLICY
 from .._store import (
     DEFAULT_CACHE_TTL,
     DEFAULT_STALE_IF_ERROR,
     DEFAULT_STALE_WHILE_REVALIDATE,
-    CachedExperience,
-    FetchFn,
-    FetchQuery,
-    identity_hash,
 )
 from ._codec import (
     CLAIM_SCRIPT,
@@ -83,7 +80,6 @@ DEFAULT_MAX_FIELDS_PER_IDENTITY = 256
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 _POLL_DELAYS = (0.005, 0.01, 0.02, 0.03, 0.05)  # then every 50 ms
-_DEFAULT_429_PAUSE = 1.0
 _STALL_RETRIES = 3  # attempts at the writes other processes wait for
 _PENDING_INVALIDATIONS = 10_000
 
@@ -490,8 +486,7 @@ class RedisSharedLayer:
             raise
 
     async def _publish_pause(self, exc: RateLimitedError) -> None:
-        seconds = exc.retry_after if exc.retry_after is not None else _DEFAULT_429_PAUSE
-        seconds = min(max(seconds, 0.0), DEFAULT_MAX_RETRY_AFTER)
+        seconds = DEFAULT_RETRY_POLICY.pause_for(exc) or 0.0
         if seconds <= 0:
             return
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
