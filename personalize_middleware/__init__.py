@@ -20,6 +20,7 @@ from ._exceptions import (
 )
 from ._identity import IdentityResolver, default_identity
 from ._interfaces import PersonalizeBackend, SharedLayer
+from ._lifecycle import Lifecycle
 from ._middleware import PersonalizeMiddleware
 from ._models import (
     EventAction,
@@ -65,6 +66,7 @@ __all__ = [
     "IdentityResolver",
     "InvalidTokenError",
     "Keyring",
+    "Lifecycle",
     "LocalBackend",
     "MalformedResponseError",
     "Personalization",

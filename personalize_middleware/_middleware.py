@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from os import PathLike
@@ -14,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._config import PersonalizeSettings, positive_int, positive_number
 from ._context import DEFAULT_QUERY_PARAMS, SessionAttributes
 from ._exceptions import ConfigurationError
+from ._headers import make_private
 from ._identity import (
     DEFAULT_VISITOR_COOKIE,
     IdentityResolver,
@@ -22,11 +24,13 @@ from ._identity import (
     default_identity,
 )
 from ._interfaces import PersonalizeBackend, SharedLayer
+from ._lifecycle import Lifecycle
 from ._models import Identity
 from ._personalization import Personalization, current_personalization
+from ._reporting import ReportingBackend
 from ._routes import RouteKeys, RoutesConfig
 from ._signing import Keyring
-from .cache._store import (
+from .cache import (
     DEFAULT_CACHE_MAXSIZE,
     DEFAULT_CACHE_TTL,
     DEFAULT_MAX_CONCURRENT_FETCHES,
@@ -34,9 +38,9 @@ from .cache._store import (
     DEFAULT_STALE_WHILE_REVALIDATE,
     ExperienceStore,
 )
-from .tracking._hooks import DEFAULT_TOKEN_TTL, Tracking
-from .upstream._breaker import CircuitBreaker
-from .upstream._metadata import DEFAULT_METADATA_REFRESH, MetadataWatcher
+from .local import ReportSource, local_report_app
+from .tracking import DEFAULT_TOKEN_TTL, Tracking
+from .upstream import DEFAULT_METADATA_REFRESH, CircuitBreaker, MetadataWatcher
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
 
@@ -152,12 +156,24 @@ class PersonalizeMiddleware:
         self.identify: IdentityResolver = identify or default_identity
         self.visitor_cookie = VisitorCookie(self.keyring, name=visitor_cookie)
         self.latency_budget = float(latency_budget)
+        show_report = self.local_mode if local_report is None else bool(local_report)
+        events_backend: PersonalizeBackend = backend
+        if show_report and not isinstance(backend, ReportSource):
+            # Not the local engine: the report counts what this process sent.
+            events_backend = ReportingBackend(backend)
         if isinstance(tracking, Tracking):
+            if tracking_prefix not in (DEFAULT_TRACKING_PREFIX, tracking.prefix):
+                raise ConfigurationError(
+                    f"tracking_prefix={tracking_prefix!r} differs from the Tracking object's "
+                    f"prefix {tracking.prefix!r}: set it once, as Tracking(prefix=...)",
+                    field="tracking_prefix",
+                )
+            tracking_prefix = tracking.prefix  # the Tracking object owns its prefix
             self.tracking: Tracking | None = tracking
         elif tracking:
             self.tracking = Tracking(
                 keyring=self.keyring,
-                backend=backend,
+                backend=events_backend,
                 prefix=tracking_prefix,
                 impressions=impressions,
                 allowed_origins=tracking_allowed_origins,
@@ -172,12 +188,17 @@ class PersonalizeMiddleware:
             if metadata_refresh
             else None
         )
-        show_report = self.local_mode if local_report is None else local_report
         self.report_path = tracking_prefix + "/report" if show_report else None
+        self._report_source: ReportSource | None = None
+        if show_report:
+            self._report_source = (
+                backend if isinstance(backend, ReportSource) else events_backend  # type: ignore[assignment]
+            )
         self._report_app: ASGIApp | None = None
         self.exclude_paths = tuple(exclude_paths)
-        self._started = False
+        self._state = Lifecycle.NEW
         self._start_lock: asyncio.Lock | None = None
+        self._exit_stack: contextlib.AsyncExitStack | None = None
 
     @property
     def configured_keys(self) -> tuple[str, ...]:
@@ -186,26 +207,38 @@ class PersonalizeMiddleware:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def state(self) -> Lifecycle:
+        """``NEW``, ``RUNNING``, ``CLOSING`` or ``CLOSED``."""
+        return self._state
+
     async def startup(self) -> None:
         """Open the backend, start the tracking batcher and the metadata refresher.
 
         Runs on the app's lifespan start-up, or on the first request when the server does
-        not run the lifespan. Nothing here blocks on the network."""
-        if self._started:
+        not run the lifespan. Nothing here blocks on the network. A start-up that fails
+        half-way closes what it had opened, in reverse order, and raises."""
+        if self._state is Lifecycle.RUNNING:
             return
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
-            if self._started:
+            if self.state is Lifecycle.RUNNING:  # started while this call waited for the lock
                 return
-            if self._owns_backend:
-                await self.backend.__aenter__()
-            await self.store.start()
-            if self.tracking is not None:
-                await self.tracking.start()
-            if self.metadata is not None:
-                self.metadata.start()
-            self._started = True
+            async with contextlib.AsyncExitStack() as stack:
+                if self._owns_backend:
+                    await self.backend.__aenter__()
+                    stack.push_async_callback(self.backend.aclose)
+                await self.store.start()
+                stack.push_async_callback(self.store.aclose)
+                if self.tracking is not None:
+                    await self.tracking.start()
+                    stack.push_async_callback(self.tracking.aclose)
+                if self.metadata is not None:
+                    self.metadata.start()
+                    stack.push_async_callback(self.metadata.aclose)
+                self._exit_stack = stack.pop_all()
+            self._state = Lifecycle.RUNNING
             logger.info(
                 "personalize: started (%s backend, %d configured keys)",
                 "local" if self.local_mode else type(self.backend).__name__,
@@ -213,18 +246,18 @@ class PersonalizeMiddleware:
             )
 
     async def shutdown(self) -> None:
-        """Flush pending events, stop refreshers, close what the middleware owns."""
-        if not self._started:
+        """Flush pending events, stop refreshers, close what the middleware owns (in the
+        reverse order of start-up)."""
+        if self._state is not Lifecycle.RUNNING:
             return
-        self._started = False
+        self._state = Lifecycle.CLOSING
         self._start_lock = None  # bound to this loop; a later lifespan may run another
-        if self.metadata is not None:
-            await self.metadata.aclose()
-        if self.tracking is not None:
-            await self.tracking.aclose()
-        await self.store.aclose()
-        if self._owns_backend:
-            await self.backend.aclose()
+        stack, self._exit_stack = self._exit_stack, None
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            self._state = Lifecycle.CLOSED
 
     # -- ASGI --------------------------------------------------------------------------------
 
@@ -249,7 +282,7 @@ class PersonalizeMiddleware:
         await self.app(scope, lifespan_receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._started:
+        if self._state is not Lifecycle.RUNNING:
             await self.startup()
         path: str = scope["path"]
         if path.startswith(self._own_prefix):
@@ -297,9 +330,8 @@ class PersonalizeMiddleware:
             scope["path"] == report or scope["path"].startswith(report + "/")
         ):
             if self._report_app is None:
-                from .local import local_report_app
-
-                self._report_app = local_report_app(self.backend)  # type: ignore[arg-type]
+                assert self._report_source is not None  # set with report_path
+                self._report_app = local_report_app(self._report_source)
             await self._report_app(scope, receive, send)
             return
         if self.tracking is None:
@@ -332,34 +364,12 @@ class PersonalizeMiddleware:
     ) -> None:
         if not handle.used and not visitor.set_cookie:
             return
-        # A plain list rather than MutableHeaders: this runs for every personalized page.
-        headers: list[tuple[bytes, bytes]] = list(message.get("headers", ()))
-        message["headers"] = headers
-        if handle.used:
-            cache_control = vary = None
-            for key, value in headers:  # one pass; usually neither header is there yet
-                if key == b"cache-control":
-                    if cache_control is None:
-                        cache_control = value
-                elif key == b"vary" and vary is None:
-                    vary = value
-            if cache_control is None:
-                headers.append((b"cache-control", b"private, no-store"))
-            elif b"no-store" not in cache_control.lower():
-                _set_header(headers, b"cache-control", b"private, no-store")
-            if vary is None:
-                headers.append((b"vary", b"Cookie"))
-            elif b"cookie" not in vary.lower():
-                _set_header(headers, b"vary", vary + b", Cookie" if vary else b"Cookie")
+        cookie = None
         if visitor.set_cookie and visitor.visitor_id is not None:
-            headers.append(
-                (
-                    b"set-cookie",
-                    self.visitor_cookie.set_cookie_header(
-                        visitor.visitor_id, secure=scope.get("scheme") == "https"
-                    ),
-                )
+            cookie = self.visitor_cookie.set_cookie_header(
+                visitor.visitor_id, secure=scope.get("scheme") == "https"
             )
+        make_private(message, used=handle.used, set_cookie=cookie)
 
 
 class _VisitorState:
@@ -368,18 +378,6 @@ class _VisitorState:
     def __init__(self) -> None:
         self.set_cookie = False
         self.visitor_id: str | None = None
-
-
-def _set_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> None:
-    """Set ``name`` to ``value`` in place of its first occurrence, dropping the others
-    (what ``MutableHeaders.__setitem__`` does)."""
-    found = [i for i, (key, _) in enumerate(headers) if key == name]
-    for index in reversed(found[1:]):
-        del headers[index]
-    if found:
-        headers[found[0]] = (name, value)
-    else:
-        headers.append((name, value))
 
 
 def _cookie_header(scope: Scope) -> str | None:

@@ -17,12 +17,13 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
 from personalize_middleware import (
+    CircuitBreaker,
     ExperienceMetadata,
     Identity,
+    Lifecycle,
     PersonalizeMiddleware,
     UpstreamUnavailableError,
 )
-from personalize_middleware.upstream._breaker import CircuitBreaker
 from tests.support.fake_backend import FakeBackend, variation_for
 
 SECRET = "test-secret-key-0123456789abcdef"
@@ -417,8 +418,8 @@ def test_websocket_scopes_pass_through_and_lifespan_opens_and_closes_the_backend
     with TestClient(app) as client:
         with client.websocket_connect("/ws") as socket:
             assert socket.receive_text() == "none"
-        assert created[0]._started
-    assert not created[0]._started
+        assert created[0].state is Lifecycle.RUNNING
+    assert created[0].state is Lifecycle.CLOSED
 
 
 @pytest.mark.anyio

@@ -28,6 +28,7 @@ EXPECTED = [
     "IdentityResolver",
     "InvalidTokenError",
     "Keyring",
+    "Lifecycle",
     "LocalBackend",
     "MalformedResponseError",
     "Personalization",

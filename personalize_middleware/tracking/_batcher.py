@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from .._config import positive_number
 from .._exceptions import APIError, AuthenticationError, BadRequestError, ConfigurationError
 from .._interfaces import PersonalizeBackend
+from .._lifecycle import Lifecycle
 from .._logging import RateLimitedLog
 from .._models import EventAction, EventElement
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -156,10 +157,16 @@ class EventBatcher:
         self._closed = False
         self._deadline = float("inf")
         self._task: asyncio.Task[None] | None = None
+        self._state = Lifecycle.NEW
         self._log = RateLimitedLog(logger)
 
     def __repr__(self) -> str:
         return f"EventBatcher(pending={self.pending}, stats={self.stats})"
+
+    @property
+    def state(self) -> Lifecycle:
+        """``NEW`` until started, ``RUNNING``, ``CLOSING`` while ``aclose`` flushes, ``CLOSED``."""
+        return self._state
 
     @property
     def pending(self) -> int:
@@ -206,6 +213,7 @@ class EventBatcher:
         else:
             self._idle.set()
         self._task = asyncio.create_task(self._run(), name="personalize-event-batcher")
+        self._state = Lifecycle.RUNNING
 
     async def flush(self) -> None:
         """Send everything queued now and wait until it is delivered or dropped."""
@@ -221,6 +229,7 @@ class EventBatcher:
         if self._closed:
             return
         self._closed = True
+        self._state = Lifecycle.CLOSING
         timeout = self.shutdown_timeout if timeout is None else timeout
         self._deadline = time.monotonic() + timeout
         self._closing = True
@@ -248,6 +257,7 @@ class EventBatcher:
         self._queue.clear()
         self._inflight = 0
         self._idle.set()
+        self._state = Lifecycle.CLOSED
 
     # -- the sender --------------------------------------------------------------------------
 
