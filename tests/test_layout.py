@@ -144,3 +144,13 @@ def test_modules_stay_readable_or_say_why(path: Path) -> None:
         f"{path.relative_to(PACKAGE.parent)} has {lines} lines: split it, or say why in "
         f"its docstring ('{REASON_MARK} ~{MAX_LINES} lines because ...')"
     )
+
+
+def test_every_module_is_on_the_architecture_map() -> None:
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__init__.py" and f" {path.name} " not in text.replace("\n", " \n")
+    ]
+    assert not missing, f"docs/architecture.md does not list: {missing}"
