@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 
+from ._exceptions import ConfigurationError
 from ._models import Experience
 from ._personalization import Personalization
 from ._routes import validate_experience_key
@@ -18,9 +19,10 @@ def get_personalization(request: Request) -> Personalization:
     ``personalize: Personalization = Depends(get_personalization)``."""
     handle = request.scope.get("state", {}).get("personalize")
     if not isinstance(handle, Personalization):
-        raise RuntimeError(
+        raise ConfigurationError(
             "request.state.personalize is missing: add PersonalizeMiddleware to the app "
-            "(app.add_middleware(PersonalizeMiddleware, ...))"
+            "(app.add_middleware(PersonalizeMiddleware, ...))",
+            field="middleware",
         )
     return handle
 

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 
 from personalize_middleware import (
+    ConfigurationError,
     Experience,
     Identity,
     Personalization,
@@ -86,5 +87,5 @@ async def test_missing_middleware_is_a_clear_error() -> None:
 
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        with pytest.raises(RuntimeError, match="add PersonalizeMiddleware"):
+        with pytest.raises(ConfigurationError, match="add PersonalizeMiddleware"):
             await client.get("/")

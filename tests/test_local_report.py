@@ -285,7 +285,7 @@ async def test_report_app_serves_any_report_source() -> None:
         transport = httpx.ASGITransport(app=local_report_app(source))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             assert expected in (await client.get("/")).text
-    with pytest.raises(TypeError, match=r"report\(\) method"):
+    with pytest.raises(ConfigurationError, match=r"report\(\) method"):
         local_report_app(object())  # type: ignore[arg-type]
 
 

@@ -15,6 +15,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._exceptions import ConfigurationError
 from ._report import Report, ReportSource
 
 __all__ = ["REPORT_TEMPLATE", "local_report_app", "render_report"]
@@ -71,8 +72,9 @@ def local_report_app(source: ReportSource, *, title: str = _DEFAULT_TITLE) -> AS
     ``TypeError`` here, at creation, if ``source`` has no ``report`` method.
     """
     if not isinstance(source, ReportSource):
-        raise TypeError(
-            f"local_report_app needs an object with a report() method, not {type(source).__name__}"
+        raise ConfigurationError(
+            f"local_report_app needs an object with a report() method, not {type(source).__name__}",
+            field="source",
         )
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

@@ -27,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..._exceptions import ConfigurationError
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
@@ -113,9 +115,9 @@ class RedisRateLimiter:
         if budget is not None and (
             not isinstance(budget, int) or isinstance(budget, bool) or budget < 1
         ):
-            raise ValueError("budget must be a positive integer or None")
+            raise ConfigurationError("budget must be a positive integer or None", field="budget")
         if not window > 0:
-            raise ValueError("window must be positive")
+            raise ConfigurationError("window must be positive", field="window")
         self.key = key
         self.pause_key = pause_key
         self.processes_key = processes_key or key + ":procs"
