@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from personalize_middleware.local import (
     ExperiencesFile,
@@ -19,6 +24,7 @@ from personalize_middleware.local import (
     load_sample_file,
     parse_experiences,
 )
+from personalize_middleware.local._rules import MAX_USER_AGENT_CHARS, _classify
 
 IPHONE = (
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 "
@@ -296,6 +302,149 @@ def test_hour_rules() -> None:
 )
 def test_device_type_from_user_agent(user_agent: str | None, expected: str | None) -> None:
     assert device_type(user_agent) == expected
+
+
+# Real User-Agents and what the classifier said before it was made linear.
+MORE_USER_AGENTS = [
+    (
+        "Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "SamsungBrowser/23.0 Chrome/115.0.0.0 Mobile Safari/537.36",
+        "mobile",
+    ),
+    ("Mozilla/5.0 (Android 14; Mobile; rv:121.0) Gecko/121.0 Firefox/121.0", "mobile"),
+    ("Mozilla/5.0 (Android 14; Tablet; rv:121.0) Gecko/121.0 Firefox/121.0", "tablet"),
+    (
+        "Mozilla/5.0 (Linux; Android 9; KFMUWI) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Silk/120.2.1 like Chrome/120.0.6099.216 Safari/537.36",
+        "tablet",
+    ),
+    ("Opera/9.80 (J2ME/MIDP; Opera Mini/5.1.21214/28.2725; U; ru) Presto/2.8.119", "mobile"),
+    (
+        "Mozilla/5.0 (Windows Phone 10.0; Android 6.0.1; Microsoft; Lumia 950) "
+        "AppleWebKit/537.36 (KHTML, like Gecko) Chrome/52.0 Mobile Safari/537.36 Edge/15.14977",
+        "mobile",
+    ),
+    ("Mozilla/5.0 (BlackBerry; U; BlackBerry 9900; en) AppleWebKit/534.11+", "mobile"),
+    ("Mozilla/5.0 (PlayBook; U; RIM Tablet OS 2.1.0; en-US) AppleWebKit/536.2+", "tablet"),
+    (
+        "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/120.0 Mobile Safari/537.36 (compatible; Googlebot/2.1)",
+        "mobile",
+    ),
+    (
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.1 Safari/605.1.15",
+        "desktop",
+    ),
+    ("curl/8.5.0", "desktop"),
+    (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Mobile/15E148 [FBAN/FBIOS;FBDV/iPhone14,2;FBMD/iPhone;FBSN/iOS;"
+        "FBSV/17.1;FBSS/3;FBID/phone;FBLC/en_US;FBOP/5;FBRV/0]",
+        "mobile",
+    ),
+]
+
+# The classifier before it was made linear (the tablet regex rescanned the rest of the
+# line from every "Android"), as the reference for "same answers as before".
+_OLD_TABLET_RE = re.compile(r"iPad|Tablet|PlayBook|Silk|Kindle|(Android(?!.*Mobile))", re.I)
+_OLD_MOBILE_RE = re.compile(r"Mobi|iPhone|iPod|Android|Windows Phone|BlackBerry|Opera Mini", re.I)
+
+
+def classified_before(user_agent: str) -> str:
+    if _OLD_TABLET_RE.search(user_agent):
+        return "tablet"
+    return "mobile" if _OLD_MOBILE_RE.search(user_agent) else "desktop"
+
+
+@pytest.mark.parametrize(
+    ("user_agent", "expected"),
+    [*MORE_USER_AGENTS, (IPHONE, "mobile"), (ANDROID_PHONE, "mobile"), (IPAD, "tablet")],
+)
+def test_real_user_agents_are_classified_as_before(user_agent: str, expected: str) -> None:
+    assert device_type(user_agent) == classified_before(user_agent) == expected
+
+
+_UA_PIECES = st.sampled_from(
+    [
+        "Android",
+        "android",
+        "ANDROID",
+        "Mobile",
+        "mobile",
+        "Mobi",
+        "Tablet",
+        "iPad",
+        "Kindle",
+        "\n",
+        " ",
+        ";",
+        "x",
+        "\u017filk",  # re.IGNORECASE folds these to "silk", "kindle": same answers still
+        "\u212aindle",
+        "Opera Mini",
+        "Windows Phone",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(user_agent=st.lists(_UA_PIECES, min_size=1, max_size=14).map("".join) | st.text(max_size=60))
+def test_any_user_agent_within_the_cap_is_classified_as_before(user_agent: str) -> None:
+    expected = classified_before(user_agent) if user_agent else None
+    assert device_type(user_agent) == expected
+
+
+def test_only_the_first_512_characters_of_a_user_agent_are_classified() -> None:
+    padding = " " * MAX_USER_AGENT_CHARS
+    assert device_type(ANDROID_PHONE + padding) == "mobile"
+    assert device_type("Android" + padding + "Mobile") == "tablet"  # "Mobile" is not seen
+    assert device_type(padding + "iPhone") == "desktop"
+
+
+# Crafted User-Agents: (how to build one of about n characters)
+ADVERSARIAL_USER_AGENTS: dict[str, Callable[[int], str]] = {
+    "reported: every Android followed by Mobile": lambda n: "Android" * (n // 7) + "Mobile",
+    "one line per Android": lambda n: "Android Mobile\n" * (n // 15),
+    "Androids, then Mobile on each line": lambda n: ("Android" * 9 + "Mobile\n") * (n // 70),
+    "no keyword at all": lambda n: "x" * n,
+    "keyword prefixes everywhere": lambda n: "AndroiMobWindows PhonOpera Min" * (n // 30),
+}
+
+
+def _fastest_seconds(function: Callable[[], object], runs: int = 20) -> float:
+    """The fastest of ``runs`` (a busy machine only ever adds time), memo cleared."""
+    samples = []
+    for _ in range(runs):
+        _classify.cache_clear()
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return min(samples)
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL_USER_AGENTS))
+def test_a_224_kb_user_agent_costs_at_most_200_times_a_3_5_kb_one(name: str) -> None:
+    # Regression: the 224 KB one took 5.6 s in serve-local.
+    build = ADVERSARIAL_USER_AGENTS[name]
+    small, large = build(3584), build(224 * 1024)
+    assert device_type(large) == device_type(large[:MAX_USER_AGENT_CHARS])
+    small_cost = _fastest_seconds(lambda: device_type(small))
+    large_cost = _fastest_seconds(lambda: device_type(large))
+    assert large_cost <= 200 * small_cost, (name, small_cost, large_cost)
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL_USER_AGENTS))
+def test_classification_is_linear_even_without_the_cap(name: str) -> None:
+    # The cap aside, the expressions themselves never backtrack. The regex engine's cost
+    # per character wanders with the machine's load and caches (60-115 ns measured on one
+    # box), hence a wider margin than above; a quadratic classifier is ~4000x off.
+    build = ADVERSARIAL_USER_AGENTS[name]
+    small, large = build(3584), build(224 * 1024)
+    uncapped = _classify.__wrapped__
+    small_cost = _fastest_seconds(lambda: uncapped(small), runs=10)
+    large_cost = _fastest_seconds(lambda: uncapped(large), runs=5)
+    assert large_cost <= 500 * small_cost, (name, small_cost, large_cost)
 
 
 def test_device_rule() -> None:

@@ -4,15 +4,18 @@ validated against the published spec."""
 from __future__ import annotations
 
 import base64
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
+from starlette.types import Message, Scope
 
 from personalize_middleware import (
     AuthenticationError,
@@ -23,6 +26,7 @@ from personalize_middleware import (
 )
 from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
 from personalize_middleware.local import LocalBackend, create_local_server
+from personalize_middleware.local._server import MAX_BODY_BYTES, MAX_HEAD_BYTES
 from tests.support.http_server import run_asgi_server
 from tests.support.spec import validate_request_parts, validate_response
 
@@ -230,7 +234,7 @@ def test_malformed_json_is_400(server: Server, path: str, content: bytes) -> Non
     ],
 )
 def test_auth_failures(server: Server, method: str, path: str) -> None:
-    body = {"elements": []} if path.endswith("events") else {}
+    body: dict[str, Any] = {"elements": []} if path.endswith("events") else {}
     wrong_secret = server.call(method, path, json=body, headers=auth_headers(secret="old"))
     assert wrong_secret.status_code == 401
     assert wrong_secret.json() == {
@@ -347,7 +351,8 @@ def test_bad_event_fields_are_400(server: Server, mutate: Any, needle: str) -> N
 
 
 def test_empty_or_missing_elements_is_400(server: Server) -> None:
-    for body in ({"elements": []}, {}, {"elements": {}}):
+    bodies: list[dict[str, Any]] = [{"elements": []}, {}, {"elements": {}}]
+    for body in bodies:
         assert server.call("POST", "/experiences/events", json=body).status_code == 400
 
 
@@ -359,6 +364,92 @@ def test_oversized_body_is_refused_without_reading_it_all(server: Server) -> Non
     )
     assert response.status_code == 413
     assert response.json()["title"] == "Payload Too Large"
+
+
+def test_a_declared_oversized_body_is_refused_before_reading_a_byte() -> None:
+    app = create_local_server(LocalBackend.default(), workspace_id=WORKSPACE, api_secret=SECRET)
+    headers = [(k.lower().encode(), v.encode()) for k, v in auth_headers().items()]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        raise AssertionError("the body was read")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    for declared in (str(MAX_BODY_BYTES + 1), "9" * 40):
+        sent.clear()
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/experiences/fetch",
+            "raw_path": b"/v1/experiences/fetch",
+            "query_string": b"",
+            "headers": [*headers, (b"content-length", declared.encode())],
+            "server": ("testserver", 80),
+            "client": ("127.0.0.1", 1234),
+        }
+        anyio.run(app, scope, receive, send)
+        assert sent[0]["status"] == 413
+
+
+def _big_header(size: int) -> dict[str, str]:
+    return {**auth_headers(), "X-Padding": "a" * size}
+
+
+def test_request_heads_over_the_limit_are_refused_by_the_app_itself(
+    in_process: TestClient,
+) -> None:
+    # Under uvicorn's httptools parser nothing else would stop them.
+    metadata = "/v1/experiences/metadata"
+    assert in_process.get(metadata, headers=_big_header(MAX_HEAD_BYTES - 1024)).status_code == 200
+    too_many = in_process.get(metadata, headers=_big_header(MAX_HEAD_BYTES))
+    assert too_many.status_code == 431
+    assert too_many.json()["title"] == "Request Header Fields Too Large"
+    too_long = in_process.get(metadata, params={"status": "A" * MAX_HEAD_BYTES})
+    assert too_long.status_code == 414
+    assert too_long.json()["title"] == "URI Too Long"
+
+
+def test_uvicorn_alone_does_not_bound_request_heads(server: Server) -> None:
+    # h11 refuses a head over 16 KiB only while it is incomplete: one that arrives in a
+    # single read reaches the app, which refuses it (431); uvicorn answers 400 otherwise.
+    response = server.http.get(server.api + "/experiences/metadata", headers=_big_header(100_000))
+    assert response.status_code in (400, 431)
+
+
+def _fastest_seconds(function: Callable[[], object], runs: int) -> float:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return min(samples)
+
+
+def test_a_224_kb_user_agent_costs_about_what_a_small_one_does(server: Server) -> None:
+    # Regression: "Android" * 32,000 + "Mobile" took 5.6 s in the device rule.
+    def fetch(user_agent: str) -> httpx.Response:
+        body = {
+            "identifiers": {"customer_id": "nobody-declared"},
+            "experience_key": ["sidebar-promo"],
+            "USER_AGENT": user_agent,
+        }
+        return server.call("POST", "/experiences/fetch", json=body)
+
+    crafted = "Android" * (224 * 1024 // 7) + "Mobile"
+    answer = fetch(crafted).json()["experiences"]["sidebar-promo"]["experience_context"]
+    # Only the first 512 characters are classified: an Android there, no "Mobile": a tablet.
+    assert answer["audience_name"] == "All Users"
+    iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148"
+    padded = fetch(iphone + " " * 224 * 1024).json()["experiences"]["sidebar-promo"]
+    assert padded["experience_context"]["audience_name"] == "Mobile visitors"
+    small_cost = _fastest_seconds(lambda: fetch(crafted[:3584] + "Mobile"), runs=10)
+    large_cost = _fastest_seconds(lambda: fetch(crafted), runs=5)
+    assert large_cost <= 200 * small_cost, (small_cost, large_cost)
 
 
 def test_unknown_paths_and_methods_answer_json_errors(server: Server) -> None:

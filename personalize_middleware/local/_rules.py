@@ -6,7 +6,8 @@ A rule is a mapping with one *subject* key; see ``docs/local-experiences.md``::
     {"session": "utm_medium", "equals": "email"}     in-session attribute sent with the fetch
     {"day_of_week": ["Saturday", "Sunday"]}          DAY_OF_THE_WEEK
     {"hour": {"gte": 9, "lt": 17}}                   TIME_OF_THE_DAY (UTC hour)
-    {"device": "mobile"}                             derived from USER_AGENT
+    {"device": "mobile"}                             derived from USER_AGENT (its first
+                                                     MAX_USER_AGENT_CHARS characters)
     {"identified": true}                             the user is declared in the file
     {"all": [...]}, {"any": [...]}, {"not": {...}}   combinators
 
@@ -15,6 +16,7 @@ A list of rules means "all of them".
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +26,7 @@ from typing import Any
 __all__ = [
     "DAYS_OF_THE_WEEK",
     "DEVICE_TYPES",
+    "MAX_USER_AGENT_CHARS",
     "OPERATORS",
     "FieldError",
     "MatchContext",
@@ -58,8 +61,19 @@ OPERATORS: tuple[str, ...] = (
 _NUMERIC_OPERATORS = ("gt", "gte", "lt", "lte")
 _SUBJECTS = ("user", "session", "day_of_week", "hour", "device", "identified", "all", "any", "not")
 
+#: Only the start of a User-Agent is classified: real ones are 100-300 characters, and the
+#: middleware itself sends at most 512.
+MAX_USER_AGENT_CHARS = 512
+
+# These run on request data, so each must take time linear in its input: alternations of
+# plain words, and no quantifier that can be retried from many places.
 # Order matters: tablets announce "Android" too, and iPads may say "Mobile".
-_TABLET_RE = re.compile(r"iPad|Tablet|PlayBook|Silk|Kindle|(Android(?!.*Mobile))", re.IGNORECASE)
+_TABLET_RE = re.compile(r"iPad|Tablet|PlayBook|Silk|Kindle", re.IGNORECASE)
+# An "Android" that no "Mobile" follows on its line. The last "Android" of a line decides
+# (if any qualifies, the last does), and the atomic group goes straight to it and never
+# backtracks to an earlier one: ``Android(?!.*Mobile)`` rescanned the rest of the line from
+# every "Android", quadratic in a crafted User-Agent (5.6 s for 224 KB).
+_ANDROID_TABLET_RE = re.compile(r"^(?>.*Android)(?!.*Mobile)", re.IGNORECASE | re.MULTILINE)
 _MOBILE_RE = re.compile(r"Mobi|iPhone|iPod|Android|Windows Phone|BlackBerry|Opera Mini", re.I)
 
 
@@ -85,10 +99,18 @@ Rule = Callable[[MatchContext], bool]
 
 
 def device_type(user_agent: str | None) -> str | None:
-    """``mobile``, ``tablet`` or ``desktop`` for a User-Agent; ``None`` when there is none."""
+    """``mobile``, ``tablet`` or ``desktop`` for a User-Agent; ``None`` when there is none.
+
+    Only the first ``MAX_USER_AGENT_CHARS`` characters are looked at.
+    """
     if not user_agent:
         return None
-    if _TABLET_RE.search(user_agent):
+    return _classify(user_agent[:MAX_USER_AGENT_CHARS])
+
+
+@functools.lru_cache(maxsize=256)  # a fetch meets a device rule in many experiences
+def _classify(user_agent: str) -> str:
+    if _TABLET_RE.search(user_agent) or _ANDROID_TABLET_RE.search(user_agent):
         return "tablet"
     if _MOBILE_RE.search(user_agent):
         return "mobile"

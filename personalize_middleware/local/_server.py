@@ -6,6 +6,12 @@ checked (400 for a missing or unknown workspace, 401 for bad credentials), bodie
 validated like the API validates them, more than 25 keys silently keeps the first 25,
 more than 100 event elements is a 400, and errors carry ``{"title", "description"}``.
 The local report is served at ``/report/``.
+
+What a client sends is bounded before it is read: the request target and headers together
+(``MAX_HEAD_BYTES``, 414/431) and the body (``MAX_BODY_BYTES``, 413). uvicorn does not
+bound heads reliably, hence the check here: h11 refuses one over 16 KiB only while it is
+still incomplete (a 100 KiB head sent at once gets through), and with httptools uvicorn sets
+no limit. The device rule looks at the first 512 characters of a User-Agent.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._config import PersonalizeSettings
 from .._exceptions import BadRequestError
@@ -31,10 +39,13 @@ from ._backend import LocalBackend
 from ._report_app import local_report_app
 from ._wire import WireError, error_code, validate_events_body, validate_fetch_body
 
-__all__ = ["MAX_BODY_BYTES", "create_local_server"]
+__all__ = ["MAX_BODY_BYTES", "MAX_HEAD_BYTES", "create_local_server"]
 
 #: Request bodies above this are refused (100 elements of events fit easily).
 MAX_BODY_BYTES = 1024 * 1024
+#: Request targets plus headers above this are refused: h11's default limit, whatever the
+#: HTTP server in front.
+MAX_HEAD_BYTES = 16 * 1024
 _ACCEPTED = "Your request has been accepted and will be processed soon."
 
 
@@ -124,7 +135,37 @@ def create_local_server(
     ]
     if report:
         routes += [Route("/report", to_report), Mount("/report", app=local_report_app(backend))]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(_HeadLimit)],
+    )
+
+
+class _HeadLimit:
+    """Refuses a request whose target or headers are over ``MAX_HEAD_BYTES``, before the
+    app reads any of them."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = _head_refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _head_refusal(scope: Scope) -> Response | None:
+    raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogatepass")
+    target = len(raw_path) + len(scope.get("query_string") or b"")
+    limit = f"limited to {MAX_HEAD_BYTES} bytes"
+    if target > MAX_HEAD_BYTES:
+        return _error(414, "URI Too Long", f"Request targets are {limit}")
+    if target + sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEAD_BYTES:
+        return _error(431, "Request Header Fields Too Large", f"Request headers are {limit}")
+    return None
 
 
 class _Refused(Exception):
@@ -134,18 +175,14 @@ class _Refused(Exception):
 
 
 async def _json_body(request: Request) -> Any:
+    if _declares_too_much(request):
+        raise _too_large()  # before reading a byte of it
     size = 0
     chunks: list[bytes] = []
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise _Refused(
-                _error(
-                    413,
-                    "Payload Too Large",
-                    f"Request bodies are limited to {MAX_BODY_BYTES} bytes",
-                )
-            )
+            raise _too_large()
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks).decode("utf-8"))
@@ -158,6 +195,19 @@ async def _json_body(request: Request) -> Any:
                 "The JSON was incorrect or not encoded as UTF-8.",
             )
         ) from None
+
+
+def _declares_too_much(request: Request) -> bool:
+    declared = request.headers.get("content-length", "").lstrip("0")
+    if not (declared.isascii() and declared.isdigit()):
+        return False
+    return len(declared) > len(str(MAX_BODY_BYTES)) or int(declared) > MAX_BODY_BYTES
+
+
+def _too_large() -> _Refused:
+    return _Refused(
+        _error(413, "Payload Too Large", f"Request bodies are limited to {MAX_BODY_BYTES} bytes")
+    )
 
 
 def _basic_credentials(request: Request) -> bytes:
