@@ -5,12 +5,23 @@
     serve-local   run the MoEngage-compatible local server on a local experiences file
     experiences   list experiences (MoEngage when MOENGAGE_* is set, else the local file)
     fetch         show what one user gets for some experience keys
-    check         compare an app's configured keys with the workspace's experiences
+    check         compare an app's configured keys with the workspace's experiences;
+                  --templates DIR: find payload values where escaping cannot help
 
 ``experiences``, ``fetch`` and ``check`` talk to the real API when
 ``MOENGAGE_WORKSPACE_ID`` and ``MOENGAGE_API_SECRET`` are set (``MOENGAGE_BASE_URL`` and
 ``MOENGAGE_DATA_CENTER`` honoured) unless ``--file`` names a local experiences file;
 otherwise they use the packaged sample file. Errors are one line on stderr and exit 1.
+
+``check --templates DIR`` (alone or with a key source) prints ``file:line: message`` for
+each payload value placed in ``href`` / ``src`` / ``action`` (and the other URL
+attributes) without the ``url`` reader, in ``style`` or an ``on*`` event handler, in an
+unquoted attribute value, inside a tag or inside ``<script>`` without ``tojson``; any
+warning makes the exit status 1, so CI can run it.
+
+Longer than ~400 lines because each command's arguments, sources and output read best
+side by side in one place; the work itself lives in the packages (the template scan in
+``jinja``, the backends in ``upstream`` and ``local``).
 """
 
 from __future__ import annotations
@@ -124,10 +135,13 @@ def _parser() -> argparse.ArgumentParser:
     fetch.set_defaults(handler=_fetch)
 
     check = commands.add_parser(
-        "check", help="check configured experience keys against the workspace's experiences"
+        "check",
+        help="check configured experience keys against the workspace's experiences, "
+        "and/or templates for unsafe payload values",
     )
     _add_file(check)
-    source = check.add_mutually_exclusive_group(required=True)
+    # Not required as a group: --templates alone is a check too (see _check).
+    source = check.add_mutually_exclusive_group()
     source.add_argument(
         "--app",
         metavar="MODULE:ATTR",
@@ -138,7 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--strict", action="store_true", help="also fail on keys that are Paused or Scheduled"
     )
-    check.set_defaults(handler=_check)
+    check.add_argument(
+        "--templates",
+        nargs="+",
+        metavar="DIR",
+        help="template directories or files: warn where a payload value sits in href/src/"
+        "action/style/on* without the url reader (any warning: exit status 1)",
+    )
+    check.set_defaults(handler=_check, usage=check.format_usage)
     return parser
 
 
@@ -162,7 +183,7 @@ def _local_backend(path: str | None) -> LocalBackend:
 def _backend(args: argparse.Namespace) -> tuple[PersonalizeBackend, str]:
     """The backend a read command talks to, and a line saying which it is."""
     if args.file is None and PersonalizeSettings.env_has_credentials():
-        from .upstream._client import PersonalizeClient  # lazily: only this path needs httpx set up
+        from .upstream import PersonalizeClient  # lazily: only this path needs httpx set up
 
         settings = PersonalizeSettings.from_env()
         return PersonalizeClient(settings), f"MoEngage API {settings.api_base_url}"
@@ -280,6 +301,36 @@ def _attributes(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if not (args.app or args.keys_file or args.keys or args.templates):
+        # What argparse says for a required group, now that --templates may stand alone.
+        sys.stderr.write(args.usage())
+        _fail("one of the arguments --app --keys-file --keys --templates is required")
+        return 2
+    failed = False
+    if args.app or args.keys_file or args.keys:
+        failed = _check_keys(args)
+    if args.templates:
+        failed = _check_templates(args.templates) or failed
+    return 1 if failed else 0
+
+
+def _check_templates(paths: list[str]) -> bool:
+    """Print the template warnings; True when there were any."""
+    from .jinja import lint_templates
+
+    findings, files = lint_templates(paths)
+    out = sys.stdout
+    for finding in findings:
+        print(finding, file=out)
+    if findings:
+        print(f"FAILED: {len(findings)} template warning(s) in {files} file(s)", file=out)
+    else:
+        print(f"OK: no template warnings in {files} file(s)", file=out)
+    return bool(findings)
+
+
+def _check_keys(args: argparse.Namespace) -> bool:
+    """Print the key check; True when it failed."""
     app_backend: PersonalizeBackend | None = None
     if args.app:
         keys, app_backend = _keys_from_app(args.app)
@@ -313,7 +364,7 @@ def _check(args: argparse.Namespace) -> int:
             print(f"ok        {key}", file=out)
     failed = unknown > 0 or (args.strict and inactive > 0)
     print(f"{'FAILED' if failed else 'OK'}: {unknown} unknown, {inactive} not active", file=out)
-    return 1 if failed else 0
+    return bool(failed)
 
 
 def _keys_from_file(path: str) -> list[str]:

@@ -488,6 +488,132 @@ def test_check_needs_one_source(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "check")
     assert code == 2
     assert "one of the arguments" in err
+    assert "--templates" in err and err.startswith("usage: ")
+
+
+# -- check --templates ----------------------------------------------------------------------
+
+SAFE_TEMPLATE = """\
+{% experience "hero" as hero %}
+<a href="{{ hero.url('CtaUrl', '/sale') }}" title="{{ hero.Title }}">{{ hero.CtaLabel }}</a>
+<img src="{{ hero.json('Config', 'image') | safe_url('/img/default.png') }}" alt="">
+<a href="/products/{{ hero.string('Slug') }}?ref={{ hero.key }}">{{ hero.get('Name') }}</a>
+<img src="https://cdn.example.com/{{ hero.string('Img') }}" srcset="{{ hero.url('I2') }} 2x">
+<div data-n="{{ hero.number('Count') }}" class="{{ hero.string('Theme') }}"{{ impression(hero) }}>
+<button{{ track_click(hero, "Add to Cart") }} onclick="track()">Add</button>
+<script>window.hero = {{ hero.json('Config') | tojson }};</script>
+<!-- <a href="{{ hero.CtaUrl }}"> is fine in a comment -->
+{% endexperience %}
+<a href="{{ personalize_url('promo', 'Link', '/') }}">{{ personalize_value('promo', 'Text') }}</a>
+<a href="{{ url_for('home') }}">home</a>
+{% raw %}<a href="{{ hero.CtaUrl }}">{% endraw %}
+"""
+
+# (line, the start of the expected message) for each unsafe spot of UNSAFE_TEMPLATE.
+UNSAFE_TEMPLATE = """\
+{% experience "hero" as hero %}
+<a href="{{ hero.CtaUrl }}">x</a>
+<a href="{{ hero.get('CtaUrl', '/') }}" onclick="go('{{ hero.url('CtaUrl') }}')">y</a>
+<img src={{ hero.string('Image') }} alt={{ hero.Title }}>
+<form action="/{{ hero['Post'] }}"><button formaction="{{ hero.json('C', 'u') }}">z</button>
+</form>
+<p style="color: {{ hero.string('Color') }}" {{ hero.Attributes }}>w</p>
+<script>var title = "{{ hero.Title }}";</script>
+{% endexperience %}
+{% set promo = personalize_experience("promo") %}
+<a href='{% if promo %}{{ promo.Link }}{% endif %}'>v</a>
+<iframe srcdoc="{{ personalize_value('promo', 'Html') }}"></iframe>
+<a href="{{ personalize_experience('promo')['Link'] }}">u</a>
+<style>.promo { color: {{ promo.Color }}; }</style><p>{{ promo.Color }}</p>
+"""
+UNSAFE_SPOTS = [
+    (2, "payload value in href= without the url reader"),
+    (3, "payload value in href= without the url reader"),
+    (3, "payload value in onclick= (an event handler): never"),
+    (4, "payload value in src= without the url reader"),
+    (4, "payload value in an unquoted alt= value"),
+    (5, "payload value in action= without the url reader"),
+    (5, "payload value in formaction= without the url reader"),
+    (7, "payload value in style= (code): never"),
+    (7, "payload value inside a tag, outside any attribute value"),
+    (8, "payload value inside <script>: pass it through | tojson"),
+    (11, "payload value in href= without the url reader"),
+    (12, "payload value in srcdoc= (code): never"),
+    (13, "payload value in href= without the url reader"),
+    (14, "payload value inside <style>: never"),
+]
+
+
+def template_dir(tmp_path: Path, **files: str) -> Path:
+    root = tmp_path / "templates"
+    for name, source in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source, encoding="utf-8")
+    return root
+
+
+def test_check_templates_passes_safe_templates(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = template_dir(
+        tmp_path, **{"page.html": SAFE_TEMPLATE, "emails/x.jinja": SAFE_TEMPLATE, "a.py": "x"}
+    )
+    code, out, err = run(capsys, "check", "--templates", str(root))
+    assert (code, err) == (0, "")
+    assert out == "OK: no template warnings in 2 file(s)\n"
+
+
+def test_check_templates_reports_each_unsafe_spot_as_file_line_and_fails(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = template_dir(tmp_path, **{"good.html": SAFE_TEMPLATE, "bad.html": UNSAFE_TEMPLATE})
+    code, out, err = run(capsys, "check", "--templates", str(root))
+    assert (code, err) == (1, "")
+    *warnings, summary = out.splitlines()
+    bad = str(root / "bad.html")
+    found = [(int(line), message) for path, line, message in (w.split(":", 2) for w in warnings)]
+    assert {w.split(":", 1)[0] for w in warnings} == {bad}  # nothing from good.html
+    assert len(found) == len(UNSAFE_SPOTS)
+    # In the order they appear in the file.
+    for (line, message), (want_line, want) in zip(found, UNSAFE_SPOTS, strict=True):
+        assert line == want_line and message.strip().startswith(want), (line, message)
+    assert summary == f"FAILED: {len(UNSAFE_SPOTS)} template warning(s) in 2 file(s)"
+
+
+def test_check_templates_with_keys_fails_on_either(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    good = template_dir(tmp_path, **{"page.html": SAFE_TEMPLATE})
+    code, out, _ = run(capsys, "check", "--keys", "hero-banner", "--templates", str(good))
+    assert code == 0
+    assert "OK: 0 unknown, 0 not active" in out and "OK: no template warnings" in out
+    bad = tmp_path / "bad.html"
+    bad.write_text(UNSAFE_TEMPLATE, encoding="utf-8")
+    code, out, _ = run(capsys, "check", "--keys", "hero-banner", "--templates", str(bad))
+    assert code == 1
+    assert f"{bad}:2: payload value in href=" in out
+    code, out, _ = run(capsys, "check", "--keys", "zzzzzz", "--templates", str(good))
+    assert code == 1
+
+
+def test_check_templates_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = run(capsys, "check", "--templates", str(tmp_path / "nowhere"))
+    assert (code, out) == (1, "")
+    assert_one_line_error(err, "nowhere")
+    broken = template_dir(tmp_path, **{"broken.html": 'ok\n<a href="{{ hero.Cta ">\n'})
+    code, out, _ = run(capsys, "check", "--templates", str(broken))
+    assert code == 1
+    assert out.startswith(f"{broken / 'broken.html'}:2: cannot read the template: ")
+    (broken / "latin1.html").write_bytes(b"caf\xe9")
+    code, out, _ = run(capsys, "check", "--templates", str(broken / "latin1.html"))
+    assert code == 1
+    assert "latin1.html:1: cannot read the template" in out
+
+
+def test_check_templates_on_the_example_app_is_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "check", "--templates", str(ROOT / "example_app" / "templates"))
+    assert code == 0, out
 
 
 # -- serve-local ----------------------------------------------------------------------------

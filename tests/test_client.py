@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 import threading
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -435,6 +436,33 @@ async def test_secret_never_in_logs_or_errors(
     assert SECRET not in everything
     assert TOKEN not in everything
     assert "/experiences/metadata" in caplog.text
+
+
+async def test_a_200_answer_quoting_the_secret_in_a_key_is_scrubbed(
+    client: PersonalizeClient, stand_in: StandIn
+) -> None:
+    """Regression: a shape error's message quoted the answer's key (outside text) as is,
+    and chained the model's ValueError, which repeated it, into the traceback."""
+    stand_in.fault = _answer(200, json.dumps({"experiences": {f"k-{SECRET}": "not an object"}}))
+    with pytest.raises(MalformedResponseError) as caught:
+        await client.fetch_experiences(["a"], customer_id="u1")
+    shown = "".join(traceback.format_exception(caught.value))
+    assert SECRET not in shown and SECRET[:8] not in shown
+    assert "********" in str(caught.value)
+    assert isinstance(caught.value.__cause__, ValueError)  # still chained, scrubbed
+
+
+async def test_error_text_from_the_answer_is_a_short_printable_snippet(
+    client: PersonalizeClient, stand_in: StandIn
+) -> None:
+    title = "Denied\x1b[2J\r\nFAKE LOG LINE\u202e " + "x" * 5000
+    stand_in.fault = _answer(401, json.dumps({"title": title, "description": "d" * 5000}))
+    with pytest.raises(AuthenticationError) as caught:
+        await client.fetch_experiences(["a"], customer_id="u1")
+    message = str(caught.value)
+    assert message.isprintable()  # no escape sequences, newlines or bidi overrides
+    assert "Denied[2J FAKE LOG LINE x" in message
+    assert len(message) < 600  # two fields of at most 200 characters, and our words
 
 
 # -- no server needed ----------------------------------------------------------------------

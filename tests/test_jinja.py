@@ -683,6 +683,8 @@ def test_jinja_package_exports() -> None:
         "PersonalizeTemplates",
         "PersonalizedTemplateResponse",
         "TemplateExperience",
+        "set_allowed_url_hosts",
+        "lint_templates",
         "setup_jinja",
         "setup_templates",
     } <= set(exported)

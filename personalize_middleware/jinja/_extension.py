@@ -18,7 +18,7 @@ Works in any ``jinja2.Environment``, sync or ``enable_async``; the Starlette int
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, nodes
@@ -26,10 +26,15 @@ from jinja2.ext import Extension
 from jinja2.lexer import describe_token
 
 from ._readers import (
+    NO_URL_HOSTS,
+    URL_HOSTS_SETTING,
     impression,
     personalize_experience,
     personalize_script,
+    personalize_url,
     personalize_value,
+    safe_url,
+    set_allowed_url_hosts,
     track_click,
 )
 
@@ -55,16 +60,19 @@ class PersonalizeExtension(Extension):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         environment.extend(personalize_context_name="personalize")
+        environment.extend(**{URL_HOSTS_SETTING: NO_URL_HOSTS})  # only if not set yet
         helpers: dict[str, Callable[..., Any]] = {
             "impression": impression,
             "track_click": track_click,
             "personalize_value": personalize_value,
+            "personalize_url": personalize_url,
             "personalize_experience": personalize_experience,
             "personalize_script": personalize_script,
         }
         environment.globals.update(helpers)
         environment.filters["impression"] = impression
         environment.filters["track_click"] = track_click
+        environment.filters["safe_url"] = safe_url
         # What the tag compiles to: a filter is called directly with the context (a call
         # goes through Context.call's introspection), and awaited in async environments.
         environment.filters[_LOOKUP_FILTER] = personalize_experience
@@ -108,9 +116,13 @@ class PersonalizeExtension(Extension):
         return nodes.With([nodes.Name(target.name, "store")], [lookup], [choose], lineno=lineno)
 
 
-def setup_jinja(env: jinja2.Environment) -> None:
-    """Add the personalize tag, helpers and hooks to ``env`` (sync or ``enable_async``)."""
+def setup_jinja(env: jinja2.Environment, *, allowed_url_hosts: Iterable[str] | None = None) -> None:
+    """Add the personalize tag, helpers and hooks to ``env`` (sync or ``enable_async``).
+    ``allowed_url_hosts``: the hosts ``url`` lets absolute http(s) URLs point to (see
+    ``set_allowed_url_hosts``); ``None`` keeps what ``env`` has (by default: none)."""
     env.add_extension(PersonalizeExtension)
+    if allowed_url_hosts is not None:
+        set_allowed_url_hosts(env, allowed_url_hosts)
     if env.autoescape is False:
         logger.warning(
             "personalize: this Jinja environment does not autoescape; experience values "

@@ -21,7 +21,7 @@ is used: the override calls ``Jinja2Templates.TemplateResponse`` or builds an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from os import PathLike
 from typing import TYPE_CHECKING, Any, overload
 
@@ -118,6 +118,7 @@ class PersonalizeTemplates(Jinja2Templates):
         directory: TemplateDirectory,
         *,
         context_processors: list[ContextProcessor] | None = None,
+        allowed_url_hosts: Iterable[str] | None = None,
     ) -> None: ...
 
     @overload
@@ -126,6 +127,7 @@ class PersonalizeTemplates(Jinja2Templates):
         *,
         env: jinja2.Environment,
         context_processors: list[ContextProcessor] | None = None,
+        allowed_url_hosts: Iterable[str] | None = None,
     ) -> None: ...
 
     def __init__(
@@ -134,6 +136,7 @@ class PersonalizeTemplates(Jinja2Templates):
         *,
         context_processors: list[ContextProcessor] | None = None,
         env: jinja2.Environment | None = None,
+        allowed_url_hosts: Iterable[str] | None = None,
     ) -> None:
         if env is None:
             assert directory is not None, "either 'directory' or 'env' arguments must be passed"
@@ -141,7 +144,7 @@ class PersonalizeTemplates(Jinja2Templates):
         else:
             assert directory is None, "pass 'directory' or 'env', not both"
             super().__init__(env=env, context_processors=context_processors)
-        _install(self)
+        _install(self, allowed_url_hosts)
 
     # Starlette annotates its private response class as the return type; ours is an
     # HTMLResponse either way.
@@ -178,8 +181,8 @@ class PersonalizeTemplates(Jinja2Templates):
         )
 
 
-def _install(templates: Jinja2Templates) -> None:
-    setup_jinja(templates.env)
+def _install(templates: Jinja2Templates, allowed_url_hosts: Iterable[str] | None = None) -> None:
+    setup_jinja(templates.env, allowed_url_hosts=allowed_url_hosts)
     if _context_processor not in templates.context_processors:
         templates.context_processors.append(_context_processor)
 
@@ -200,9 +203,11 @@ def _personalized_class(cls: type[Jinja2Templates]) -> type[PersonalizeTemplates
     return _PERSONALIZED[cls]
 
 
-def setup_templates(templates: Jinja2Templates) -> None:
+def setup_templates(
+    templates: Jinja2Templates, *, allowed_url_hosts: Iterable[str] | None = None
+) -> None:
     """Make a ``Jinja2Templates`` built elsewhere a ``PersonalizeTemplates``: installs the
     extension and the context processor on it and switches its class (idempotent). New
     code can build ``PersonalizeTemplates(directory=...)`` directly."""
-    _install(templates)
+    _install(templates, allowed_url_hosts)
     templates.__class__ = _personalized_class(type(templates))

@@ -3,7 +3,8 @@
 One ``PersonalizeClient`` owns one ``httpx.AsyncClient`` (pooled keep-alive connections)
 for its whole life: create it at application start-up, close it at shutdown. Every httpx
 failure and every non-2xx answer is translated into the ``APIError`` tree in one place,
-``_translate_transport_error`` / ``_raise_for_status``.
+``_translate_transport_error`` / ``_error_for_status``, where text from outside (error
+bodies, headers, httpx messages) is redacted and bounded (``_redact``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .._exceptions import (
     UpstreamUnavailableError,
 )
 from .._models import EventElement, Experience, ExperienceMetadata
+from .._redact import Redactor, protect_library_logs
 from .._retry import parse_retry_after
 from .._version import __version__
 
@@ -84,13 +86,13 @@ class PersonalizeClient:
         self._fetch_url = base + "/experiences/fetch"
         self._metadata_url = base + "/experiences/metadata"
         self._events_url = base + "/experiences/events"
-        token = base64.b64encode(f"{settings.workspace_id}:{settings.api_secret}".encode()).decode(
-            "ascii"
-        )
-        # Kept only to scrub text that came from outside (error bodies, httpx messages)
-        # before it reaches a log line or an exception.
-        self._redactions = (token, settings.api_secret)
-        self._auth_token = token
+        credentials = f"{settings.workspace_id}:{settings.api_secret}".encode()
+        self._auth_token = base64.b64encode(credentials).decode("ascii")
+        # Scrubs text that came from outside (error bodies, headers, httpx messages)
+        # before it reaches an exception or a log line: snippet() for our messages,
+        # scrub_exception() for what we chain, a filter on httpx's / httpcore's logs.
+        self._redactor = Redactor.for_credentials(settings.workspace_id, settings.api_secret)
+        protect_library_logs(self._redactor)
         self._transport = transport
         self._http = self._new_http()
         self._closed = False
@@ -98,7 +100,6 @@ class PersonalizeClient:
         self._deadline = settings.connect_timeout + settings.read_timeout
 
     def _new_http(self) -> httpx.AsyncClient:
-
         settings = self._settings
         return httpx.AsyncClient(
             headers={
@@ -206,9 +207,7 @@ class PersonalizeClient:
             try:
                 result[key] = Experience.from_api(key, item)
             except ValueError as exc:
-                raise MalformedResponseError(
-                    f"{FETCH_ENDPOINT}: {exc}", status_code=200, endpoint=FETCH_ENDPOINT
-                ) from exc
+                raise self._wrong_shape(FETCH_ENDPOINT, exc) from self._clean_cause(exc)
         return result
 
     # -- Fetch Experience Metadata --------------------------------------------------------
@@ -239,9 +238,7 @@ class PersonalizeClient:
         try:
             return [ExperienceMetadata.from_api(entry) for entry in entries]
         except ValueError as exc:
-            raise MalformedResponseError(
-                f"{METADATA_ENDPOINT}: {exc}", status_code=200, endpoint=METADATA_ENDPOINT
-            ) from exc
+            raise self._wrong_shape(METADATA_ENDPOINT, exc) from self._clean_cause(exc)
 
     # -- Track Experience Events ----------------------------------------------------------
 
@@ -280,7 +277,7 @@ class PersonalizeClient:
             async with asyncio.timeout(self._deadline):
                 response = await self._http.request(method, url, content=body)
         except httpx.HTTPError as exc:
-            raise self._translate_transport_error(endpoint, exc) from exc
+            raise self._translate_transport_error(endpoint, exc) from self._clean_cause(exc)
         except TimeoutError as exc:
             raise UpstreamTimeoutError(
                 f"{endpoint}: no complete answer within {self._deadline:g}s", endpoint=endpoint
@@ -291,10 +288,27 @@ class PersonalizeClient:
         )
         if not 200 <= response.status_code < 300:
             raise self._error_for_status(endpoint, response)
-        return _parse_json(endpoint, response)
+        return self._parse_json(endpoint, response)
+
+    def _parse_json(self, endpoint: str, response: httpx.Response) -> Any:
+        status = response.status_code
+        content = response.content
+        if not content.strip():
+            raise MalformedResponseError(
+                f"{endpoint}: empty answer (HTTP {status})", status_code=status, endpoint=endpoint
+            )
+        try:
+            return json.loads(content)
+        except (ValueError, RecursionError) as exc:
+            content_type = self._redactor.snippet(response.headers.get("Content-Type", "unknown"))
+            raise MalformedResponseError(
+                f"{endpoint}: answer is not JSON (HTTP {status}, {content_type})",
+                status_code=status,
+                endpoint=endpoint,
+            ) from self._clean_cause(exc)
 
     def _translate_transport_error(self, endpoint: str, exc: httpx.HTTPError) -> APIError:
-        detail = self._redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
+        detail = self._redactor.snippet(f"{type(exc).__name__}: {exc}".rstrip(": "))
         logger.debug("personalize: %s failed: %s", endpoint, detail)
         if isinstance(exc, httpx.TimeoutException):
             return UpstreamTimeoutError(f"{endpoint}: timed out ({detail})", endpoint=endpoint)
@@ -306,13 +320,10 @@ class PersonalizeClient:
 
     def _error_for_status(self, endpoint: str, response: httpx.Response) -> APIError:
         status = response.status_code
-        title, description, code = (
-            None if field is None else self._redact(field) for field in _error_fields(response)
-        )
-        summary = f"{endpoint} answered HTTP {status}"
+        title, description, code = self._error_fields(response)
+        message = f"{endpoint} answered HTTP {status}"
         if title or description:
-            summary += ": " + " - ".join(p for p in (title, description) if p)
-        message = summary
+            message += ": " + " - ".join(p for p in (title, description) if p)
         if status in (401, 403):
             return AuthenticationError(
                 message + " (check the workspace id and the Personalize API secret)",
@@ -321,11 +332,7 @@ class PersonalizeClient:
             )
         if status == 400:
             return BadRequestError(
-                message,
-                endpoint=endpoint,
-                title=title,
-                description=description,
-                code=code,
+                message, endpoint=endpoint, title=title, description=description, code=code
             )
         if status == 429:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -336,48 +343,31 @@ class PersonalizeClient:
             return UpstreamUnavailableError(message, status_code=status, endpoint=endpoint)
         return APIError(message, status_code=status, endpoint=endpoint)
 
-    def _redact(self, text: str) -> str:
-        for secret in self._redactions:
-            text = text.replace(secret, "********")
-        return text
+    def _error_fields(self, response: httpx.Response) -> tuple[str | None, str | None, str | None]:
+        """The API's ``title`` / ``description`` / ``code`` as redacted snippets, when the
+        error body has them."""
+        try:
+            data = json.loads(response.content)
+        except (ValueError, RecursionError):
+            data = None
+
+        def text(name: str) -> str | None:
+            value = data.get(name) if isinstance(data, dict) else None
+            return (self._redactor.snippet(value) or None) if isinstance(value, str) else None
+
+        return text("title"), text("description"), text("code")
+
+    def _wrong_shape(self, endpoint: str, exc: ValueError) -> MalformedResponseError:
+        """A 200 answer the models refused; their reason may quote the answer."""
+        message = f"{endpoint}: {self._redactor.snippet(str(exc))}"
+        return MalformedResponseError(message, status_code=200, endpoint=endpoint)
+
+    def _clean_cause(self, exc: BaseException) -> BaseException | None:
+        """``exc`` redacted in place for ``raise ... from``; ``None`` if that failed."""
+        return exc if self._redactor.scrub_exception(exc) else None
 
 
 # -- helpers (pure functions) ---------------------------------------------------------------
-
-
-def _parse_json(endpoint: str, response: httpx.Response) -> Any:
-    content = response.content
-    if not content.strip():
-        raise MalformedResponseError(
-            f"{endpoint}: empty answer (HTTP {response.status_code})",
-            status_code=response.status_code,
-            endpoint=endpoint,
-        )
-    try:
-        return json.loads(content)
-    except (ValueError, RecursionError) as exc:
-        content_type = response.headers.get("Content-Type", "unknown")
-        raise MalformedResponseError(
-            f"{endpoint}: answer is not JSON (HTTP {response.status_code}, {content_type})",
-            status_code=response.status_code,
-            endpoint=endpoint,
-        ) from exc
-
-
-def _error_fields(response: httpx.Response) -> tuple[str | None, str | None, str | None]:
-    """The API's ``title`` / ``description`` / ``code``, when the error body has them."""
-    try:
-        data = json.loads(response.content)
-    except (ValueError, RecursionError):
-        return None, None, None
-    if not isinstance(data, dict):
-        return None, None, None
-
-    def text(name: str) -> str | None:
-        value = data.get(name)
-        return value[:500] if isinstance(value, str) and value else None
-
-    return text("title"), text("description"), text("code")
 
 
 def _dump(body: dict[str, Any], field: str) -> bytes:
