@@ -40,6 +40,7 @@ from .jinja import (
     PersonalizeExtension,
     PersonalizeTemplates,
     TemplateExperience,
+    set_allowed_url_hosts,
     setup_jinja,
     setup_templates,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "get_personalization",
     "load_experiences_file",
     "require_experiences",
+    "set_allowed_url_hosts",
     "setup_jinja",
     "setup_templates",
 ]

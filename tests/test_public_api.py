@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +60,7 @@ EXPECTED = [
     "get_personalization",
     "load_experiences_file",
     "require_experiences",
+    "set_allowed_url_hosts",
     "setup_jinja",
     "setup_templates",
 ]
@@ -98,3 +102,29 @@ def test_the_package_imports_without_the_optional_extras() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) == len(EXPECTED)
+
+
+def _documented_imports(text: str) -> set[str]:
+    """Names the page's Python blocks import from the package root."""
+    names: set[str] = set()
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        try:
+            tree = ast.parse(block)
+        except SyntaxError:  # a fragment: fall back to its one-line imports
+            for line in re.findall(r"^from personalize_middleware import (.+)$", block, re.M):
+                names.update(re.findall(r"\w+", line.replace(" as ", " ")))
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "personalize_middleware":
+                names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_every_name_the_docs_import_from_the_package_is_exported() -> None:
+    root = Path(__file__).resolve().parents[1]
+    missing = {}
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for name in _documented_imports(page.read_text()):
+            if name not in personalize_middleware.__all__:
+                missing[name] = page.name
+    assert not missing, f"documented but not exported: {missing}"
