@@ -45,7 +45,15 @@ from .jinja import (
     setup_templates,
 )
 from .local import LocalBackend, create_local_server, load_experiences_file
-from .tracking import BatcherStats, EventBatcher, EventRecorder, Tracking, TrackingStats
+from .tracking import (
+    BatcherStats,
+    EventBatcher,
+    EventRecorder,
+    Tracking,
+    TrackingLimits,
+    TrackingStats,
+    is_bot,
+)
 from .upstream import CircuitBreaker, PersonalizeClient
 
 __all__ = [
@@ -87,6 +95,7 @@ __all__ = [
     "TemplateExperience",
     "TemplateUsageError",
     "Tracking",
+    "TrackingLimits",
     "TrackingStats",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
@@ -94,6 +103,7 @@ __all__ = [
     "current_personalization",
     "default_identity",
     "get_personalization",
+    "is_bot",
     "load_experiences_file",
     "require_experiences",
     "set_allowed_url_hosts",

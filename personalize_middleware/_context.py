@@ -126,6 +126,11 @@ class SessionAttributes:
                 if value.isprintable():
                     attrs[name] = value[:_MAX_VALUE]
 
+    def client_ip(self, scope: Scope) -> str | None:
+        """The client's address: the peer, or what trusted proxies forwarded for it."""
+        _, forwarded = _headers(scope) if self.trusted_proxies else (None, None)
+        return self._client_ip(scope, forwarded)
+
     def _client_ip(self, scope: Scope, forwarded: str | None) -> str | None:
         client = scope.get("client")
         peer: str | None = str(client[0]) if client else None

@@ -145,6 +145,8 @@ class PageView(Protocol):
     @property
     def render_id(self) -> str: ...
 
+    #: The request's User-Agent, when known (crawlers are not tracked).
+    user_agent: str | None
     tracking_state: Any
 
 

@@ -39,7 +39,7 @@ from .cache import (
     ExperienceStore,
 )
 from .local import ReportSource, local_report_app
-from .tracking import DEFAULT_TOKEN_TTL, Tracking
+from .tracking import DEFAULT_TOKEN_TTL, Tracking, is_bot
 from .upstream import DEFAULT_METADATA_REFRESH, CircuitBreaker, MetadataWatcher
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
@@ -98,6 +98,7 @@ class PersonalizeMiddleware:
         shared: SharedLayer | None = None,
         breaker: CircuitBreaker | None = None,
         exclude_paths: Sequence[str] = (),
+        crawlers: Literal["personalize", "defaults"] = "personalize",
     ) -> None:
         self.app = app
         positive_number("latency_budget", latency_budget)
@@ -196,6 +197,16 @@ class PersonalizeMiddleware:
             )
         self._report_app: ASGIApp | None = None
         self.exclude_paths = tuple(exclude_paths)
+        if crawlers not in ("personalize", "defaults"):
+            raise ConfigurationError(
+                f"crawlers={crawlers!r}: expected 'personalize' or 'defaults'", field="crawlers"
+            )
+        #: "defaults": known crawlers get every experience's default, with no upstream call.
+        self.crawlers = crawlers
+        # The page view's User-Agent is needed for crawler checks even when it is not sent.
+        self._needs_user_agent = crawlers == "defaults" or (
+            self.tracking is not None and self.tracking.bots == "ignore"
+        )
         self._state = Lifecycle.NEW
         self._start_lock: asyncio.Lock | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
@@ -292,6 +303,13 @@ class PersonalizeMiddleware:
             await self.app(scope, receive, send)
             return
         keys = () if scope["method"] in _NO_FETCH_METHODS else self.routes.keys_for(path)
+        attributes = self.attributes.build(scope)
+        user_agent = attributes.get("USER_AGENT")
+        if user_agent is None and self._needs_user_agent:
+            user_agent = _header(scope, b"user-agent")
+        fetch = True
+        if self.crawlers == "defaults" and user_agent is not None and is_bot(user_agent):
+            keys, fetch = (), False  # a crawler: the defaults, without an upstream call
         visitor = _VisitorState()
 
         async def identity_factory() -> Identity:
@@ -300,11 +318,13 @@ class PersonalizeMiddleware:
         handle = Personalization(
             store=self.store,
             keys=keys,
-            attributes=self.attributes.build(scope),
+            attributes=attributes,
             budget=self.latency_budget,
             identity_factory=identity_factory,
             tracking=self.tracking,
             active_keys=self.metadata.active if self.metadata is not None else None,
+            user_agent=user_agent,
+            fetch=fetch,
         )
         state = scope.get("state")
         if state is None:
@@ -342,7 +362,8 @@ class PersonalizeMiddleware:
             if scope["method"] == "POST"  # only beacons are checked against the visitor
             else None
         )
-        await self.tracking.handle(scope, receive, send, identity)
+        client_ip = self.attributes.client_ip(scope) if scope["method"] == "POST" else None
+        await self.tracking.handle(scope, receive, send, identity, client_ip=client_ip)
 
     async def _resolve_identity(
         self, scope: Scope, visitor: _VisitorState, *, issue: bool = True
@@ -378,6 +399,13 @@ class _VisitorState:
     def __init__(self) -> None:
         self.set_cookie = False
         self.visitor_id: str | None = None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _cookie_header(scope: Scope) -> str | None:

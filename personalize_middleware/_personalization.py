@@ -36,6 +36,7 @@ class Personalization:
     __slots__ = (
         "_active_keys",
         "_deadline",
+        "_fetch_off",
         "_futures",
         "_identity",
         "_identity_factory",
@@ -49,6 +50,7 @@ class Personalization:
         "tracking",
         "tracking_state",
         "used",
+        "user_agent",
     )
 
     def __init__(
@@ -61,6 +63,8 @@ class Personalization:
         identity_factory: Callable[[], Awaitable[Identity]],
         tracking: TrackingHooks | None = None,
         active_keys: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
+        user_agent: str | None = None,
+        fetch: bool = True,
     ) -> None:
         self._store = store
         self.keys = keys
@@ -78,6 +82,9 @@ class Personalization:
         self.tracking_state: Any = None
         self.tracking = tracking
         self.used = bool(keys)
+        #: The request's User-Agent (crawlers are not tracked; see ``tracking.is_bot``).
+        self.user_agent = user_agent
+        self._fetch_off = not fetch  # e.g. a crawler served the defaults
 
     # -- lifecycle (called by the middleware) -----------------------------------------------
 
@@ -99,6 +106,9 @@ class Personalization:
     async def _request(self, keys: tuple[str, ...] | list[str]) -> None:
         wanted = [k for k in keys if k not in self._resolved and k not in self._futures]
         if not wanted:
+            return
+        if self._fetch_off:
+            self._resolved.update(dict.fromkeys(wanted))  # the defaults, without a call
             return
         if self._active_keys is not None:
             live = set(self._active_keys(tuple(wanted)))

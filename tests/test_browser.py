@@ -23,7 +23,13 @@ from personalize_middleware import PersonalizeMiddleware, PersonalizeSettings, s
 from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
 from tests.conftest import require_tool
 from tests.support.http_server import run_asgi_server
-from tests.support.tracking_helpers import API_SECRET, WORKSPACE_ID, EventsStandIn, context_for
+from tests.support.tracking_helpers import (
+    API_SECRET,
+    GOOGLEBOT_USER_AGENT,
+    WORKSPACE_ID,
+    EventsStandIn,
+    context_for,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -64,7 +70,17 @@ def _tools_available() -> bool:
     return os.path.exists(CHROMIUM) and importlib.util.find_spec("playwright") is not None
 
 
-def make_app(standin_url: str, *, csp: bool = True) -> Starlette:
+def person_user_agent(browser: Any) -> str:
+    """This Chromium's user agent as a person's Chrome sends it. Headless Chromium says
+    "HeadlessChrome", which is on the crawler list (automation is not a person): the
+    tests that play a person use this one."""
+    return (
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        f"Chrome/{browser.version} Safari/537.36"
+    )
+
+
+def make_app(standin_url: str, *, csp: bool = True, **options: Any) -> Starlette:
     templates = Jinja2Templates(
         env=jinja2.Environment(
             loader=jinja2.DictLoader({"page.html": PAGE}), autoescape=jinja2.select_autoescape()
@@ -95,6 +111,7 @@ def make_app(standin_url: str, *, csp: bool = True) -> Starlette:
                 secret_key="browser-test-secret-0123456789",
                 metadata_refresh=None,
                 latency_budget=5.0,  # a cold CI machine must not turn this into a default
+                **options,
             )
         ],
     )
@@ -186,7 +203,9 @@ def test_impressions_clicks_and_xss_end_to_end(
     hero_cid, below_cid = context_for("hero")["cid"], context_for("below")["cid"]
     tap = BeaconTap(make_app(standin_url))
     with run_asgi_server(tap, lifespan="on") as app_url:
-        context = browser.new_context(viewport={"width": 1280, "height": 720})
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 720}, user_agent=person_user_agent(browser)
+        )
         context.set_default_timeout(10_000)
         page = context.new_page()
         watch = PageWatch(page)
@@ -243,7 +262,9 @@ def test_impression_needs_one_continuous_visible_second(
     hero_cid = context_for("hero")["cid"]
     tap = BeaconTap(make_app(standin_url))
     with run_asgi_server(tap, lifespan="on") as app_url:
-        context = browser.new_context(viewport={"width": 1280, "height": 720})
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 720}, user_agent=person_user_agent(browser)
+        )
         # A switchable page visibility (the tab starts hidden).
         context.add_init_script(
             "window.__hidden = true;"
@@ -280,7 +301,7 @@ def test_xss_payload_runs_no_script_even_without_csp(
     """Escaping alone keeps the payload inert (the CSP above is a second line)."""
     _server, standin_url = standin
     with run_asgi_server(make_app(standin_url, csp=False), lifespan="on") as app_url:
-        context = browser.new_context()
+        context = browser.new_context(user_agent=person_user_agent(browser))
         context.set_default_timeout(10_000)
         page = context.new_page()
         watch = PageWatch(page)
@@ -292,3 +313,36 @@ def test_xss_payload_runs_no_script_even_without_csp(
         assert page.evaluate("document.querySelector('#sub').hasAttribute('onmouseover')") is False
         assert watch.dialogs == []
         context.close()
+
+
+@pytest.mark.parametrize("send_user_agent", [True, False])
+def test_a_crawler_running_the_page_is_not_counted(
+    browser: Any, standin: tuple[EventsStandIn, str], send_user_agent: bool
+) -> None:
+    """Googlebot renders pages in Chromium and runs their scripts: it scrolls, waits and
+    clicks here like the person above, and nothing of it reaches MoEngage. Its page view
+    gets no hooks, whether or not the user agent is sent to MoEngage (a crawler's beacon
+    that arrives anyway is ignored by the endpoint: tests/test_tracking_bots.py)."""
+    server, standin_url = standin
+    tap = BeaconTap(make_app(standin_url, send_user_agent=send_user_agent))
+    with run_asgi_server(tap, lifespan="on") as app_url:
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 720}, user_agent=GOOGLEBOT_USER_AGENT
+        )
+        context.set_default_timeout(10_000)
+        page = context.new_page()
+        page.goto(app_url + "/")
+        hooked = page.locator("[data-pz-impression]").count()
+        page.wait_for_timeout(1500)  # the hero in view for 1.5 s
+        page.locator("#below").scroll_into_view_if_needed()
+        page.wait_for_timeout(1500)
+        page.locator("#hero").scroll_into_view_if_needed()
+        page.locator("#cart").click()
+        page.locator("#wish").click()
+        page.wait_for_timeout(300)
+        context.close()  # pagehide: the script flushes what it has
+    # The lifespan shutdown flushed the batcher: anything accepted would be here now.
+    assert server.delivered == []
+    # The page view knows its User-Agent even when it is not sent to MoEngage
+    # (send_user_agent=False): no hooks either way, so the script has nothing to report.
+    assert hooked == 0 and tap.beacons == []

@@ -11,7 +11,12 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from example_app.main import EXPERIENCES_FILE, create_app
-from personalize_middleware import LocalBackend, PersonalizeSettings, create_local_server
+from personalize_middleware import (
+    LocalBackend,
+    PersonalizeSettings,
+    TrackingLimits,
+    create_local_server,
+)
 from tests.support.http_server import run_asgi_server
 
 SECRET = "example-test-secret-0123456789"
@@ -75,6 +80,9 @@ def test_clicking_add_to_cart_shows_up_on_the_local_report() -> None:
         page = client.get("/products/winter-jacket").text
         token = re.search(r'id="add-to-cart" data-pz-click="([^"]+)"', page)
         assert token is not None
+        # A shopper sees the page before clicking: the endpoint drops clicks sooner than
+        # a human reaction time after render (not a race: the rule under test is time).
+        time.sleep(TrackingLimits().min_click_delay)
         beacon = client.post(
             "/_personalize/events",
             json={"events": [token.group(1)]},

@@ -13,7 +13,7 @@ import pytest
 from example_app.main import EXPERIENCES_FILE, create_app
 from tests.conftest import require_tool
 from tests.support.http_server import run_asgi_server
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _tools_available
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _tools_available, person_user_agent
 
 pytestmark = pytest.mark.browser
 
@@ -26,7 +26,7 @@ def page() -> Iterator[Any]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            yield browser.new_page()
+            yield browser.new_page(user_agent=person_user_agent(browser))
         finally:
             browser.close()
 

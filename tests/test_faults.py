@@ -32,11 +32,12 @@ from personalize_middleware import (
     PersonalizeSettings,
 )
 from personalize_middleware._signing import Keyring
+from personalize_middleware.tracking import Tracking, TrackingLimits
 from personalize_middleware.tracking._batcher import EventBatcher
-from personalize_middleware.tracking._hooks import Tracking
 from personalize_middleware.upstream._breaker import CircuitBreaker
 from tests.support.faulty_upstream import Fault, FaultyUpstream, title_for, wait_until
 from tests.support.spec import validate_response
+from tests.support.tracking_helpers import BROWSER_USER_AGENT
 
 pytestmark = pytest.mark.anyio
 
@@ -495,7 +496,11 @@ class TrackedSite:
         }
         self.batcher = EventBatcher(self.backend, **batcher_options)
         self.tracking = Tracking(
-            keyring=Keyring.from_config(SIGNING_KEY), backend=self.backend, batcher=self.batcher
+            keyring=Keyring.from_config(SIGNING_KEY),
+            backend=self.backend,
+            batcher=self.batcher,
+            # Beacons follow their page at once (the limits: test_tracking_abuse).
+            limits=TrackingLimits.off(),
         )
         self.middleware = PersonalizeMiddleware(
             Starlette(routes=[Route("/", tracked_home)]),
@@ -508,7 +513,9 @@ class TrackedSite:
             latency_budget=2.0,  # these tests are about events: let every page personalize
         )
         self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.middleware), base_url="http://shop.test"
+            transport=httpx.ASGITransport(app=self.middleware),
+            base_url="http://shop.test",
+            headers={"user-agent": BROWSER_USER_AGENT},  # httpx's own is on the crawler list
         )
 
     async def __aenter__(self) -> TrackedSite:

@@ -21,14 +21,16 @@ from personalize_middleware import (
     PersonalizeMiddleware,
     PersonalizeSettings,
     Tracking,
+    TrackingLimits,
 )
 from tests.support.faulty_upstream import FaultyUpstream, wait_until
-from tests.support.tracking_helpers import StaticBackend
+from tests.support.tracking_helpers import BROWSER_USER_AGENT, StaticBackend
 
 WORKSPACE = "WS_LIFECYCLE"
 SECRET = "lifecycle-suite-api-secret-0001"
 SIGNING_KEY = "lifecycle-suite-signing-key-0123456"
 KEYS = ("hero",)
+BROWSER = {"user-agent": BROWSER_USER_AGENT}  # httpx's own is on the crawler list
 
 pytestmark = pytest.mark.anyio
 
@@ -142,10 +144,14 @@ async def test_regression_report_with_the_http_client_counts_what_this_process_t
 ) -> None:
     upstream.reset()
     middleware = _site(upstream, local_report=True)
+    assert middleware.tracking is not None
+    middleware.tracking.limits = TrackingLimits.off()  # the beacon follows its page at once
     await middleware.startup()
     try:
         transport = httpx.ASGITransport(app=middleware)
-        async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://shop.test", headers=BROWSER
+        ) as client:
             empty = await client.get("/_personalize/report/report.json")
             assert empty.status_code == 200, empty.text  # was a 500
             assert empty.json()["events_recorded"] == 0
@@ -181,7 +187,9 @@ async def test_report_stays_off_with_the_http_client_unless_asked(
 async def test_regression_a_tracking_object_with_its_own_prefix_is_routed() -> None:
     keyring = Keyring.from_config(SIGNING_KEY)
     backend = StaticBackend({"hero": {"Title": "Hi"}})
-    tracking = Tracking(keyring=keyring, backend=backend, prefix="/track")
+    tracking = Tracking(
+        keyring=keyring, backend=backend, prefix="/track", limits=TrackingLimits.off()
+    )
     middleware = PersonalizeMiddleware(
         Starlette(routes=[Route("/", tokens_page)]),
         backend=backend,
@@ -196,7 +204,9 @@ async def test_regression_a_tracking_object_with_its_own_prefix_is_routed() -> N
     await middleware.startup()
     try:
         transport = httpx.ASGITransport(app=middleware)
-        async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://shop.test", headers=BROWSER
+        ) as client:
             script = await client.get(tracking.script_path)
             assert script.status_code == 200  # was a 404
             assert script.headers["content-type"].startswith("text/javascript")

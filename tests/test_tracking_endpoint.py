@@ -26,7 +26,7 @@ from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
 from personalize_middleware._signing import Keyring
 from personalize_middleware.tracking._hooks import Tracking, TrackingToken, encode_token
 from tests.support.spec import validate_request_parts
-from tests.support.tracking_helpers import StaticBackend, context_for
+from tests.support.tracking_helpers import BROWSER_USER_AGENT, StaticBackend, context_for
 
 KEYRING = Keyring(["endpoint-test-secret-0123456789"])
 ALICE = Identity(customer_id="alice")
@@ -81,7 +81,10 @@ async def env() -> AsyncIterator[tuple[Tracking, StaticBackend, httpx.AsyncClien
     await tracking.start()
     transport = httpx.ASGITransport(app=identity_app(tracking))
     async with httpx.AsyncClient(
-        transport=transport, base_url=ORIGIN, cookies={"uid": "alice"}
+        transport=transport,
+        base_url=ORIGIN,
+        cookies={"uid": "alice"},
+        headers={"user-agent": BROWSER_USER_AGENT},
     ) as client:
         yield tracking, backend, client
     await tracking.aclose()

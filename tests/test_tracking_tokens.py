@@ -24,6 +24,8 @@ from personalize_middleware.tracking._hooks import Tracking
 from personalize_middleware.tracking._tokens import (
     InvalidTokenError,
     TrackingToken,
+    _experience_part,
+    _identity_digest,
     _mac_prefix,
     _sign,
     decode_token,
@@ -105,6 +107,37 @@ def test_re_signed_payload_with_changed_b_id_is_refused() -> None:
         decode_token(KEYRING, ALICE, encode_token(other_ring, ALICE, token()))
 
 
+def test_expiry_is_written_in_milliseconds() -> None:
+    """The endpoint derives the render time from the expiry: whole seconds would blur
+    it by up to a second, more than the impression dwell it checks."""
+    text = encode_token(KEYRING, ALICE, token(expires=1_900_000_000.123))
+    assert text.split(".")[2] == "1900000000123"
+    assert decode_token(KEYRING, ALICE, text, now=1_800_000_000).expires == 1_900_000_000.123
+
+
+def test_tokens_of_the_previous_format_still_verify() -> None:
+    """Pages rendered before an upgrade (``pz-track-2``, expiry in whole seconds) keep
+    reporting until their tokens expire; still bound to their visitor and signature."""
+    expires = int(time.time()) + 600
+    body = f"{_experience_part('hero-banner', context_for('hero-banner'))}.r-1.{expires}.s"
+    legacy = _sign(KEYRING, b"pz-track-2\x00" + _identity_digest(ALICE), body)
+    read = decode_token(KEYRING, ALICE, legacy)
+    assert (read.kind, read.key, read.render_id, read.expires) == (
+        "shown",
+        "hero-banner",
+        "r-1",
+        expires,
+    )
+    with pytest.raises(InvalidTokenError, match="signature"):
+        decode_token(KEYRING, BOB, legacy)
+    with pytest.raises(InvalidTokenError, match="expired"):
+        decode_token(KEYRING, ALICE, legacy, now=expires + 1)
+    with pytest.raises(InvalidTokenError, match="signature"):  # no other label is read
+        decode_token(
+            KEYRING, ALICE, _sign(KEYRING, b"pz-track-1\x00" + _identity_digest(ALICE), body)
+        )
+
+
 def test_rotation_old_key_verifies_until_removed() -> None:
     old = Keyring(["old-secret-0123456789"])
     rotated = Keyring(["new-secret-0123456789", "old-secret-0123456789"])
@@ -162,6 +195,7 @@ def _deflated(raw: bytes) -> str:
 
 
 GOOD_PART = _deflated(json.dumps(["k", {"cid": "1"}]).encode())
+FAR_EXPIRY = 2**45  # the expiry field is in milliseconds: year 3084
 
 
 def _sign_raw(body: str) -> str:
@@ -172,31 +206,31 @@ def _sign_raw(body: str) -> str:
 
 def test_signed_body_of_the_right_shape_reads() -> None:
     """The control for the cases below: the same helper signs a readable token."""
-    read = decode_token(KEYRING, ALICE, _sign_raw(f"{GOOD_PART}.r.{2**40}.s"))
+    read = decode_token(KEYRING, ALICE, _sign_raw(f"{GOOD_PART}.r.{FAR_EXPIRY}.s"))
     assert (read.kind, read.key, read.context, read.render_id) == ("shown", "k", {"cid": "1"}, "r")
 
 
 @pytest.mark.parametrize(
     "body",
     [
-        f"{GOOD_PART}.r.{2**40}",  # a field missing
-        f"{GOOD_PART}.r.{2**40}.s.s",  # one too many
-        f"{GOOD_PART}.r.{2**40}.x",  # unknown element kind
-        f"{GOOD_PART}.r.{2**40}.c",  # click without b_id
-        f"{GOOD_PART}.r.{2**40}.sQg",  # impression with more after the kind
-        f"{GOOD_PART}.r.{2**40}.c!!",  # b_id not base64
-        f"{GOOD_PART}.r.{2**40}.c_w",  # b_id not UTF-8
-        f"{GOOD_PART}..{2**40}.s",  # empty render id
+        f"{GOOD_PART}.r.{FAR_EXPIRY}",  # a field missing
+        f"{GOOD_PART}.r.{FAR_EXPIRY}.s.s",  # one too many
+        f"{GOOD_PART}.r.{FAR_EXPIRY}.x",  # unknown element kind
+        f"{GOOD_PART}.r.{FAR_EXPIRY}.c",  # click without b_id
+        f"{GOOD_PART}.r.{FAR_EXPIRY}.sQg",  # impression with more after the kind
+        f"{GOOD_PART}.r.{FAR_EXPIRY}.c!!",  # b_id not base64
+        f"{GOOD_PART}.r.{FAR_EXPIRY}.c_w",  # b_id not UTF-8
+        f"{GOOD_PART}..{FAR_EXPIRY}.s",  # empty render id
         f"{GOOD_PART}.r.soon.s",  # expiry not a number
         f"{GOOD_PART}.r.{'9' * 5000}.s",  # expiry absurdly long
         f"{GOOD_PART}.r.-5.s",
-        f"{_deflated(json.dumps({'v': 1}).encode())}.r.{2**40}.s",  # not a list
-        f"{_deflated(json.dumps([1, {}]).encode())}.r.{2**40}.s",  # key not a string
-        f"{_deflated(json.dumps(['k', []]).encode())}.r.{2**40}.s",  # context not an object
-        f"{_deflated(json.dumps(['k', {}, 3]).encode())}.r.{2**40}.s",
-        f"{_deflated(b'not json')}.r.{2**40}.s",
-        f"{b64url_encode(json.dumps(['k', {}]).encode())}.r.{2**40}.s",  # not deflated
-        f"!!.r.{2**40}.s",
+        f"{_deflated(json.dumps({'v': 1}).encode())}.r.{FAR_EXPIRY}.s",  # not a list
+        f"{_deflated(json.dumps([1, {}]).encode())}.r.{FAR_EXPIRY}.s",  # key not a string
+        f"{_deflated(json.dumps(['k', []]).encode())}.r.{FAR_EXPIRY}.s",  # context not an object
+        f"{_deflated(json.dumps(['k', {}, 3]).encode())}.r.{FAR_EXPIRY}.s",
+        f"{_deflated(b'not json')}.r.{FAR_EXPIRY}.s",
+        f"{b64url_encode(json.dumps(['k', {}]).encode())}.r.{FAR_EXPIRY}.s",  # not deflated
+        f"!!.r.{FAR_EXPIRY}.s",
     ],
 )
 def test_signed_but_wrong_shape_is_invalid(body: str) -> None:
@@ -207,7 +241,7 @@ def test_signed_but_wrong_shape_is_invalid(body: str) -> None:
 def test_signed_oversized_payload_is_invalid() -> None:
     bomb = _deflated(b"[" + b" " * 100_000 + b'"k",{}]')
     with pytest.raises(InvalidTokenError, match="too large"):
-        decode_token(KEYRING, ALICE, _sign_raw(f"{bomb}.r.{2**40}.s"))
+        decode_token(KEYRING, ALICE, _sign_raw(f"{bomb}.r.{FAR_EXPIRY}.s"))
 
 
 @given(st.text(max_size=300))

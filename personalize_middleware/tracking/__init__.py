@@ -1,11 +1,21 @@
 """Impressions and clicks: template hooks, signed tokens, the beacon endpoint, the event
-recorder and the batcher that delivers to the Track Experience Events API.
+recorder and the batcher that delivers to the Track Experience Events API; crawler
+detection (``is_bot``) and the human-rate rules (``TrackingLimits``).
 """
 
 from __future__ import annotations
 
 from ._batcher import BatcherStats, EventBatcher
-from ._hooks import CLICK_ATTR, DEFAULT_TOKEN_TTL, IMPRESSION_ATTR, Tracking, TrackingStats
+from ._bots import is_bot
+from ._guard import TrackingLimits
+from ._hooks import (
+    CLICK_ATTR,
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_TOKEN_TTL,
+    IMPRESSION_ATTR,
+    Tracking,
+    TrackingStats,
+)
 from ._recorder import EventRecorder
 from ._tokens import (
     MAX_B_ID_LENGTH,
@@ -18,6 +28,7 @@ from ._tokens import (
 
 __all__ = [
     "CLICK_ATTR",
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_TOKEN_TTL",
     "IMPRESSION_ATTR",
     "MAX_B_ID_LENGTH",
@@ -25,10 +36,12 @@ __all__ = [
     "EventBatcher",
     "EventRecorder",
     "Tracking",
+    "TrackingLimits",
     "TrackingStats",
     "TrackingToken",
     "decode_token",
     "decode_tokens",
     "encode_token",
+    "is_bot",
     "validate_b_id",
 ]

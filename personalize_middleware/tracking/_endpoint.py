@@ -2,32 +2,40 @@
 
 A beacon is ``{"events": ["<token>", ...]}`` (at most ``max_events`` tokens). It is
 accepted (204) only when it comes from the page's own origin, fits in ``max_body`` bytes,
-and *every* token verifies for the visitor sending it; otherwise nothing of it is
-forwarded (400 malformed, 403 forged / expired / another visitor's / cross-site, 413 too
-large). Errors of our own are logged and answered 400: this endpoint never answers 500.
+arrives whole within ``body_timeout`` seconds, and *every* token verifies for the visitor
+sending it; otherwise nothing of it is forwarded (400 malformed, 403 forged / expired /
+another visitor's / cross-site, 408 too slow, 413 too large). Errors of our own are
+logged and answered 400: this endpoint never answers 500.
 
-Each accepted event goes to an ``EventSink`` (the ``EventRecorder``), which dedupes,
-counts and queues it. Answers are ``starlette.responses.Response`` objects.
+A verified beacon's events then pass the human checks, one by one (``_guard``): a
+replay is dropped, an event sooner after the page's render than a person could see or
+click is dropped and burnt (remembered as seen), one over a rate is dropped; the rest go
+to the ``EventRecorder``, which counts and queues them. A known crawler's beacon
+(``bots="ignore"``) is not read at all. All of these are still answered 204: the script
+does not care, and an answer that told a script which rule it broke would teach it.
+Answers are ``starlette.responses.Response`` objects.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from starlette.responses import PlainTextResponse, Response
 
 from .._exceptions import InvalidTokenError
-from .._interfaces import EventSink
 from .._logging import RateLimitedLog
 from .._models import Identity
 from .._signing import Keyring
-from ._recorder import TrackingStats
+from ._bots import is_bot
+from ._guard import EventGuard, address_key
+from ._recorder import EventRecorder, TrackingStats
 from ._tokens import TrackingToken, decode_tokens
 
 if TYPE_CHECKING:
@@ -41,6 +49,7 @@ _SCRIPT_IMMUTABLE = "public, max-age=31536000, immutable"
 _SCRIPT_SHORT = "public, max-age=300"
 _ALLOWED_FETCH_SITES = frozenset({b"same-origin", b"none"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_MAX_VISITOR_KEY = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,24 +71,33 @@ class _Disconnected(Exception):
 
 
 class BeaconEndpoint:
-    """The ASGI side of tracking: verifies beacons with ``keyring`` and hands their events
-    to ``sink``; serves the script. Per-request data lives in locals."""
+    """The ASGI side of tracking: verifies beacons with ``keyring``, passes their events
+    through ``guard`` and hands them to ``recorder``; serves the script. Per-request data
+    lives in locals; ``bots`` and ``guard.limits`` are read per beacon (settable)."""
 
     def __init__(
         self,
         *,
         keyring: Keyring,
-        sink: EventSink,
+        recorder: EventRecorder,
+        guard: EventGuard,
         stats: TrackingStats,
         paths: EndpointPaths,
         script: bytes,
         max_body: int,
         max_events: int,
         allowed_origins: Sequence[str],
+        body_timeout: float,
+        clock: Callable[[], float],
+        bots: Literal["ignore", "track"] = "ignore",
     ) -> None:
         self._keyring = keyring
-        self._sink = sink
+        self._recorder = recorder
+        self._guard = guard
         self._stats = stats
+        self._body_timeout = body_timeout
+        self._clock = clock
+        self.bots = bots
         self._paths = paths
         self._max_body = max_body
         self._max_events = max_events
@@ -93,17 +111,35 @@ class BeaconEndpoint:
     # -- routing -----------------------------------------------------------------------------
 
     async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, identity: Identity | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        identity: Identity | None,
+        client_ip: str | None = None,
     ) -> None:
         started = False
+        body_done = not _may_have_body(scope)
+
+        async def tracked_receive() -> Message:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_done = True
+            return message
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
-            started = True
+            if message["type"] == "http.response.start":
+                started = True
+                if not body_done:
+                    # Answered before the body was read (refused, slow, a crawler's): the
+                    # server must not keep the connection waiting for the rest of it.
+                    message = {**message, "headers": _closing(message.get("headers", ()))}
             await send(message)
 
         try:
-            await self._route(scope, receive, tracked_send, identity)
+            await self._route(scope, tracked_receive, tracked_send, identity, client_ip)
         except _Disconnected:
             return
         except Exception as exc:  # the one boundary: never a 500 from here
@@ -111,10 +147,15 @@ class BeaconEndpoint:
                 "endpoint-error", "personalize: tracking endpoint failed", exc_info=exc
             )
             if not started:
-                await _text(400, "bad request")(scope, receive, send)
+                await _text(400, "bad request")(scope, tracked_receive, tracked_send)
 
     async def _route(
-        self, scope: Scope, receive: Receive, send: Send, identity: Identity | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        identity: Identity | None,
+        client_ip: str | None,
     ) -> None:
         path: str = scope["path"]
         root_path: str = scope.get("root_path", "")
@@ -127,7 +168,7 @@ class BeaconEndpoint:
             if method != "POST":
                 response = _text(405, "method not allowed", {"allow": "POST"})
             else:
-                response = await self._beacon(scope, receive, identity)
+                response = await self._beacon(scope, receive, identity, client_ip)
         elif path in (paths.script, paths.script_alias):
             if method not in ("GET", "HEAD"):
                 response = _text(405, "method not allowed", {"allow": "GET, HEAD"})
@@ -151,17 +192,27 @@ class BeaconEndpoint:
 
     # -- beacons -----------------------------------------------------------------------------
 
-    async def _beacon(self, scope: Scope, receive: Receive, identity: Identity | None) -> Response:
+    async def _beacon(
+        self, scope: Scope, receive: Receive, identity: Identity | None, client_ip: str | None
+    ) -> Response:
         stats = self._stats
         stats.beacons += 1
         if not self._same_origin(scope):
             stats.rejected_cross_site += 1
             return _text(403, "forbidden")
+        if self.bots == "ignore" and is_bot(_header(scope, b"user-agent")):
+            stats.rejected_bot += 1  # not even read: nothing a crawler sends is counted
+            return Response(status_code=204, headers=_NO_STORE)
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self._max_body):
             stats.rejected_too_large += 1
             return _text(413, "payload too large")
-        body = await _read_body(receive, self._max_body)
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                body = await _read_body(receive, self._max_body)
+        except TimeoutError:
+            stats.rejected_slow += 1  # answered with Connection: close (see __call__)
+            return _text(408, "request timeout")
         if body is None:
             stats.rejected_too_large += 1
             return _text(413, "payload too large")
@@ -172,20 +223,47 @@ class BeaconEndpoint:
         if len(texts) > self._max_events:
             stats.rejected_too_large += 1
             return _text(413, "too many events")
-        tokens = self._verify(texts, identity)
+        now = self._clock()
+        tokens = self._verify(texts, identity, now)
         if tokens is None or identity is None:
             stats.rejected_forbidden += 1
             return _text(403, "forbidden")
-        now = time.time()
-        for token in tokens:
-            self._sink.record(identity, token, now)
+        if client_ip is None:
+            client = scope.get("client")
+            client_ip = str(client[0]) if client else None
+        self._record(identity, tokens, address_key(client_ip), now)
         return Response(status_code=204, headers=_NO_STORE)
 
-    def _verify(self, texts: list[str], identity: Identity | None) -> list[TrackingToken] | None:
+    def _record(
+        self, identity: Identity, tokens: list[TrackingToken], address: str | None, now: float
+    ) -> None:
+        """Each verified event through the human checks to the recorder."""
+        stats, recorder, guard = self._stats, self._recorder, self._guard
+        if identity.api_customer_id is None:
+            stats.unattributable += len(tokens)
+            return
+        visitor = _visitor_key(identity)
+        for token in tokens:
+            event_uuid = recorder.event_uuid(token)
+            if recorder.seen(event_uuid):
+                stats.replays += 1
+            elif guard.too_soon(token, now):
+                stats.rejected_too_soon += 1
+                recorder.burn(event_uuid)
+            elif not guard.admit(visitor, address, token, now):
+                stats.rejected_rate += 1
+            else:
+                recorder.record(identity, token, now, event_uuid=event_uuid)
+
+    def _verify(
+        self, texts: list[str], identity: Identity | None, now: float
+    ) -> list[TrackingToken] | None:
         if identity is None:
             return None
         try:
-            return decode_tokens(self._keyring, identity, texts, decoded=self._decoded_experiences)
+            return decode_tokens(
+                self._keyring, identity, texts, now=now, decoded=self._decoded_experiences
+            )
         except InvalidTokenError as exc:
             self._log.debug("bad-token", "personalize: beacon refused: %s", exc)
             return None
@@ -213,6 +291,29 @@ class BeaconEndpoint:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _visitor_key(identity: Identity) -> str:
+    key = identity.cache_key
+    if len(key) > _MAX_VISITOR_KEY:  # bounded memory per visitor, whatever the id
+        key = "h:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return key
+
+
+def _may_have_body(scope: Scope) -> bool:
+    """An HTTP/1 request with a body to come (HTTP/2 ends a stream, not a connection:
+    ``Connection`` is not even a legal header there)."""
+    if scope.get("http_version", "1.1") not in ("1.0", "1.1"):
+        return False
+    length = _header(scope, b"content-length")
+    return (length is not None and length != b"0") or _header(
+        scope, b"transfer-encoding"
+    ) is not None
+
+
+def _closing(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    kept = [(k, v) for k, v in headers if k.lower() != b"connection"]
+    return [*kept, (b"connection", b"close")]
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -15,8 +15,8 @@ import hashlib
 import importlib.resources
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from markupsafe import Markup, escape
 
@@ -32,7 +32,9 @@ from ._batcher import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     EventBatcher,
 )
+from ._bots import is_bot
 from ._endpoint import BeaconEndpoint, EndpointPaths
+from ._guard import EventGuard, TrackingLimits
 from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     _DERIVED_KEY,
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLICK_ATTR",
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_TOKEN_TTL",
     "IMPRESSION_ATTR",
     "MAX_B_ID_LENGTH",
@@ -74,12 +77,15 @@ logger = logging.getLogger("personalize_middleware.tracking")
 DEFAULT_TOKEN_TTL = 3600.0
 DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_MAX_EVENTS_PER_BEACON = 50
+#: Seconds for a beacon's whole body to arrive (a browser sends its few KiB at once).
+DEFAULT_BODY_TIMEOUT = 10.0
 #: The HTML attributes the hooks write and the script reads.
 IMPRESSION_ATTR = "data-pz-impression"
 CLICK_ATTR = "data-pz-click"
 ENDPOINT_ATTR = "data-pz-endpoint"
 
 _CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template constants)
+_BOT_PAGE = ("bot",)  # a page view's tracking_state when the page is a crawler's
 
 
 @functools.cache
@@ -102,6 +108,13 @@ class Tracking:
     accepted besides the request's own Host (needed when a proxy rewrites Host).
     ``flush_interval``, ``max_queue`` and ``shutdown_timeout`` tune the default batcher;
     pass ``batcher`` for full control.
+
+    Honest numbers: with ``bots="ignore"`` (the default) a known crawler's page view gets
+    no tracking attributes and its beacons are ignored (``is_bot``); ``limits`` are the
+    human-timing rules and per-visitor / per-address rates (``TrackingLimits``);
+    ``body_timeout`` bounds how long a beacon's body may take to arrive (408 after).
+    ``clock`` is the wall clock tokens and rules use (tests pass a fake one). ``bots`` and
+    ``limits`` can be changed on a running instance.
     """
 
     def __init__(
@@ -120,6 +133,10 @@ class Tracking:
         max_queue: int = DEFAULT_MAX_QUEUE,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         replay_cache_size: int = 100_000,
+        bots: Literal["ignore", "track"] = "ignore",
+        limits: TrackingLimits | None = None,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not prefix.startswith("/") or prefix.endswith("/") or '"' in prefix:
             raise ConfigurationError(
@@ -129,13 +146,18 @@ class Tracking:
             raise ConfigurationError(
                 "impressions must be 'client' or 'server'", field="impressions"
             )
+        _check_bots(bots)
+        if limits is not None and not isinstance(limits, TrackingLimits):
+            raise ConfigurationError("limits must be a TrackingLimits", field="limits")
         for name, value in (
             ("token_ttl", token_ttl),
             ("max_body", max_body),
             ("max_events_per_beacon", max_events_per_beacon),
+            ("body_timeout", body_timeout),
         ):
             positive_number(name, value)
         self.keyring = keyring
+        self._clock = clock
         self.prefix = prefix
         self.token_ttl = float(token_ttl)
         self.impressions = impressions
@@ -164,24 +186,57 @@ class Tracking:
             replay_window=self.token_ttl + 60,
             replay_cache_size=replay_cache_size,
         )
+        self._guard = EventGuard(limits or TrackingLimits(), token_ttl=self.token_ttl, clock=clock)
+        self.body_timeout = float(body_timeout)
         self._endpoint = BeaconEndpoint(
             keyring=keyring,
-            sink=self.recorder,
+            recorder=self.recorder,
+            guard=self._guard,
             stats=self.stats,
             paths=EndpointPaths(prefix=prefix, events=self.events_path, script=self.script_path),
             script=script,
             max_body=int(max_body),
             max_events=int(max_events_per_beacon),
             allowed_origins=allowed_origins,
+            body_timeout=self.body_timeout,
+            clock=clock,
+            bots=bots,
         )
 
     def __repr__(self) -> str:
-        return f"Tracking(prefix={self.prefix!r}, impressions={self.impressions!r})"
+        return (
+            f"Tracking(prefix={self.prefix!r}, impressions={self.impressions!r}, "
+            f"bots={self.bots!r})"
+        )
+
+    @property
+    def bots(self) -> Literal["ignore", "track"]:
+        """``"ignore"``: known crawlers get no hooks and their beacons are dropped;
+        ``"track"``: they are tracked like people."""
+        return self._endpoint.bots
+
+    @bots.setter
+    def bots(self, value: Literal["ignore", "track"]) -> None:
+        self._endpoint.bots = _check_bots(value)
+
+    @property
+    def limits(self) -> TrackingLimits:
+        """The human-timing rules and rates beacons' events pass (``TrackingLimits``).
+        Setting it starts the rates afresh."""
+        return self._guard.limits
+
+    @limits.setter
+    def limits(self, value: TrackingLimits) -> None:
+        if not isinstance(value, TrackingLimits):
+            raise ConfigurationError("limits must be a TrackingLimits", field="limits")
+        self._guard.limits = value
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the event batcher (the middleware calls this on lifespan start-up)."""
+        if self.bots == "ignore":
+            is_bot("warm-up")  # builds the bot matcher now (~0.1 s once), not on a request
         await self.batcher.start()
 
     async def aclose(self, timeout: float | None = None) -> None:
@@ -195,12 +250,19 @@ class Tracking:
         return path == self.prefix or path.startswith(self.prefix + "/")
 
     async def handle(
-        self, scope: Scope, receive: Receive, send: Send, identity: Identity | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        identity: Identity | None,
+        *,
+        client_ip: str | None = None,
     ) -> None:
         """Answer a request under ``prefix``: ``POST {prefix}/events`` (beacons, for the
         visitor ``identity`` resolved from this request) and ``GET`` the script. Never
-        raises and never answers 500."""
-        await self._endpoint(scope, receive, send, identity)
+        raises and never answers 500. ``client_ip`` is what the per-address rate counts
+        by (the proxy-resolved address; default: the peer, ``scope["client"]``)."""
+        await self._endpoint(scope, receive, send, identity, client_ip)
 
     # -- template hooks ------------------------------------------------------------------------
 
@@ -214,9 +276,21 @@ class Tracking:
         if identity is None or identity.api_customer_id is None:
             self._log.debug("unattributable", "personalize: no customer id; hook left empty")
             return None
-        tail = _page_tail(handle.render_id, int(time.time() + self.token_ttl))
+        if self._bot_page(handle):
+            return None
+        tail = _page_tail(handle.render_id, self._clock() + self.token_ttl)
         page = handle.tracking_state = (identity, _mac_prefix(identity), tail)
         return page
+
+    def _bot_page(self, handle: PageView) -> bool:
+        """A known crawler's page view (remembered in its ``tracking_state``)."""
+        if handle.tracking_state is _BOT_PAGE:
+            return True
+        if self.bots == "ignore" and is_bot(_page_user_agent(handle)):
+            handle.tracking_state = _BOT_PAGE
+            self.stats.bot_page_views += 1
+            return True
+        return False
 
     def _token(self, handle: PageView, experience: Experience, element: str) -> str | None:
         # The per-element work: look up the cached parts, concatenate, one HMAC.
@@ -251,7 +325,7 @@ class Tracking:
         ``impressions="server"`` the impression is recorded now and nothing is emitted."""
         if self.impressions == "server":
             identity = handle.identity
-            if identity is not None:
+            if identity is not None and not self._bot_page(handle):
                 self._record_server_impression(identity, handle.render_id, experience)
             return _EMPTY
         token = self._token(handle, experience, _IMPRESSION_PART)
@@ -268,7 +342,7 @@ class Tracking:
             render_id=render_id,
             expires=0,
         )
-        if self.recorder.record(identity, event, time.time()):
+        if self.recorder.record(identity, event, self._clock()):
             self.stats.server_impressions += 1
 
     def click_attrs(self, handle: PageView, experience: Experience, b_id: object) -> Markup:
@@ -293,6 +367,26 @@ class Tracking:
         if nonce:
             return Markup(tags[0] + ' nonce="' + _esc(nonce) + '"></script>')  # noqa: S704
         return tags[1]
+
+
+def _page_user_agent(handle: PageView) -> str | None:
+    """The user agent a page view was requested with: its ``user_agent`` if it has one,
+    else the ``USER_AGENT`` session attribute (sent to MoEngage unless
+    ``send_user_agent=False``)."""
+    user_agent: Any = getattr(handle, "user_agent", None)
+    if user_agent is None:
+        attributes = getattr(handle, "attributes", None)
+        if isinstance(attributes, Mapping):
+            user_agent = attributes.get("USER_AGENT")
+    return user_agent if isinstance(user_agent, str) else None
+
+
+def _check_bots(value: object) -> Literal["ignore", "track"]:
+    if value == "ignore":
+        return "ignore"
+    if value == "track":
+        return "track"
+    raise ConfigurationError("bots must be 'ignore' or 'track'", field="bots")
 
 
 _EMPTY = Markup("")

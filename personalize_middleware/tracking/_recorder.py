@@ -33,7 +33,9 @@ _EVENT_UUID_PURPOSE = "track-event"
 @dataclass(slots=True)
 class TrackingStats:
     """Counters of the endpoint and the recorder, plus the batcher's (``queued``,
-    ``sent``, ...)."""
+    ``sent``, ...). ``rejected_bot`` and ``rejected_slow`` count beacons,
+    ``rejected_too_soon`` and ``rejected_rate`` count events (of verified beacons),
+    ``bot_page_views`` page views whose hooks were left empty for a crawler."""
 
     beacons: int = 0
     accepted: int = 0
@@ -43,6 +45,11 @@ class TrackingStats:
     rejected_forbidden: int = 0
     rejected_cross_site: int = 0
     rejected_too_large: int = 0
+    rejected_bot: int = 0
+    rejected_slow: int = 0
+    rejected_too_soon: int = 0
+    rejected_rate: int = 0
+    bot_page_views: int = 0
     unattributable: int = 0
     batcher: BatcherStats = field(default_factory=BatcherStats)
 
@@ -109,20 +116,38 @@ class EventRecorder:
         self.stats = stats
         self._seen: TTLCache[str, bool] = TTLCache(maxsize=replay_cache_size, ttl=replay_window)
 
-    def record(self, identity: Identity, event: TrackedEvent, now: float) -> bool:
-        """Queue one verified event unless this page view already reported it."""
+    def record(
+        self,
+        identity: Identity,
+        event: TrackedEvent,
+        now: float,
+        *,
+        event_uuid: str | None = None,
+    ) -> bool:
+        """Queue one verified event unless this page view already reported it
+        (``event_uuid``: its ``event_uuid(event)``, when the caller has it already)."""
         stats = self.stats
         customer_id = identity.api_customer_id
         if customer_id is None:
             stats.unattributable += 1
             return False
-        event_uuid = self.event_uuid(event)
+        if event_uuid is None:
+            event_uuid = self.event_uuid(event)
         if event_uuid in self._seen:
             stats.replays += 1
             return False
         self._seen[event_uuid] = True
         stats.accepted += 1
         return self._queue.enqueue(customer_id, build_action(event, event_uuid=event_uuid, now=now))
+
+    def seen(self, event_uuid: str) -> bool:
+        """Whether the event with this uuid was recorded (or burnt) already."""
+        return event_uuid in self._seen
+
+    def burn(self, event_uuid: str) -> None:
+        """Remember an event as seen without queueing it: a refused event (too early to
+        be a person's) cannot come back later as a first report."""
+        self._seen[event_uuid] = True
 
     def event_uuid(self, event: TrackedEvent) -> str:
         """The ``moe_event_uuid`` of ``event``: the same for every report of it."""

@@ -9,10 +9,15 @@ none of which can contain a dot)::
     <experience>.<render_id>.<expires>.<element>.<signature>
     experience = base64url(raw deflate(JSON [key, experience_context]))
     render_id  = the page view's id ([A-Za-z0-9_-], at most 64 characters)
-    expires    = Unix time, decimal
+    expires    = Unix time in milliseconds, decimal (render time + token_ttl)
     element    = "s" (shown) | "c" base64url(UTF-8 b_id) (clicked)
-    signature  = base64url(HMAC-SHA256(track key, "pz-track-2" NUL || sha256(identity)
+    signature  = base64url(HMAC-SHA256(track key, "pz-track-3" NUL || sha256(identity)
                                        || everything before the last dot)[:16])
+
+The expiry is in milliseconds so that the render time it implies is precise enough for
+the endpoint's human-timing rules (``_guard``). Tokens of the previous format
+(``pz-track-2``, expiry in whole seconds) still verify, so pages rendered before an
+upgrade keep reporting until they expire; ``TrackingToken.expires`` is seconds either way.
 
 The identity is bound through the MAC, not written into the token: the page shows no
 customer id or email, and a token replayed by another visitor fails verification. Every
@@ -53,8 +58,10 @@ __all__ = [
 
 MAX_B_ID_LENGTH = 128
 TOKEN_PURPOSE = "track"  # noqa: S105 - a key-derivation label, not a secret
-#: Starts every MAC input: a token of another format version never verifies.
-_MAC_LABEL = b"pz-track-2\x00"
+#: Starts every MAC input: a token of another format version never verifies as this one.
+_MAC_LABEL = b"pz-track-3\x00"
+#: The previous format (expiry in seconds), still read until its tokens have expired.
+_LEGACY_MAC_LABEL = b"pz-track-2\x00"
 _IMPRESSION_PART = "s"
 _MAX_TOKEN_CHARS = 8192
 _MAX_CONTEXT_BYTES = 16384  # inflated size cap: a signed token is ours, but stay bounded
@@ -72,7 +79,8 @@ class TrackingToken:
     key: str
     context: Mapping[str, Any]
     render_id: str
-    expires: int
+    #: Unix time (seconds, millisecond precision) after which the token is refused.
+    expires: float
     b_id: str | None = None
 
 
@@ -84,6 +92,10 @@ def _identity_digest(identity: Identity) -> bytes:
 
 def _mac_prefix(identity: Identity) -> bytes:
     return _MAC_LABEL + _identity_digest(identity)
+
+
+def _legacy_mac_prefix(mac_prefix: bytes) -> bytes:
+    return _LEGACY_MAC_LABEL + mac_prefix[len(_MAC_LABEL) :]
 
 
 def _experience_part(key: str, context: Mapping[str, Any]) -> str:
@@ -108,10 +120,11 @@ def _click_part(b_id: str) -> str:
     return "c" + b64url_encode(b_id.encode("utf-8", "surrogatepass"))
 
 
-def _page_tail(render_id: str, expires: int) -> str:
+def _page_tail(render_id: str, expires: float) -> str:
+    """``.render_id.expires.`` with ``expires`` (Unix seconds) written in milliseconds."""
     if _RENDER_ID.fullmatch(render_id) is None:
         raise ValueError("render_id must be 1 to 64 characters of [A-Za-z0-9_-]")
-    return f".{render_id}.{int(expires)}."
+    return f".{render_id}.{round(expires * 1000)}."
 
 
 def _sign(keyring: Keyring, mac_prefix: bytes, body: str) -> str:
@@ -170,8 +183,13 @@ def decode_tokens(
         body, _, signature = text.rpartition(".")
         if not body or not text.isascii() or not _canonical_signature(signature):
             raise InvalidTokenError("not a token")
+        scale = 1000.0
         if keyring.verify(TOKEN_PURPOSE, mac_prefix + body.encode("ascii"), signature) is None:
-            raise InvalidTokenError("bad signature (forged, or signed for another visitor)")
+            # The previous format? (A second HMAC only for tokens that failed the first.)
+            legacy = _legacy_mac_prefix(mac_prefix) + body.encode("ascii")
+            if keyring.verify(TOKEN_PURPOSE, legacy, signature) is None:
+                raise InvalidTokenError("bad signature (forged, or signed for another visitor)")
+            scale = 1.0
         # Only signed (our own) tokens get this far; the checks are belt and braces.
         fields = body.split(".")
         if len(fields) != 4:
@@ -190,7 +208,7 @@ def decode_tokens(
             key=found[0],
             context=found[1],
             render_id=render_id,
-            expires=int(expires),
+            expires=int(expires) / scale,
             b_id=None if element == _IMPRESSION_PART else _decode_b_id(element),
         )
         if token.expires < moment:

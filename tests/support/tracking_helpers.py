@@ -23,6 +23,29 @@ from tests.support.spec import SpecViolation, validate_request_parts
 
 WORKSPACE_ID = "TESTWORKSPACE01"
 API_SECRET = "stand-in-secret-0123456789"
+#: A person's browser (desktop Chrome): httpx's own user agent is on the crawler list.
+BROWSER_USER_AGENT = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36"
+)
+GOOGLEBOT_USER_AGENT = (
+    "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; Googlebot/2.1; "
+    "+http://www.google.com/bot.html) Chrome/131.0.6778.204 Safari/537.36"
+)
+
+
+class FakeClock:
+    """A wall clock a test moves by hand (``Tracking(clock=...)``): "the visitor looked
+    at the page for 1.5 s" without the test waiting 1.5 s."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def context_for(key: str, variation: str = "2") -> dict[str, str]:
