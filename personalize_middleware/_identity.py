@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_VISITOR_COOKIE",
     "IdentityResolver",
     "VisitorCookie",
+    "VisitorState",
     "call_resolver",
     "default_identity",
 ]
@@ -174,3 +175,14 @@ class VisitorCookie:
         if secure:
             parts.append("Secure")
         return "; ".join(parts).encode("latin-1")
+
+
+class VisitorState:
+    """One request's visitor: the id resolved from (or issued for) the visitor cookie,
+    and whether the response must set the cookie."""
+
+    __slots__ = ("set_cookie", "visitor_id")
+
+    def __init__(self) -> None:
+        self.set_cookie = False
+        self.visitor_id: str | None = None

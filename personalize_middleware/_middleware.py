@@ -15,11 +15,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._config import PersonalizeSettings, positive_int, positive_number
 from ._context import DEFAULT_QUERY_PARAMS, SessionAttributes
 from ._exceptions import ConfigurationError
-from ._headers import make_private
+from ._headers import ResponseGate
 from ._identity import (
     DEFAULT_VISITOR_COOKIE,
     IdentityResolver,
     VisitorCookie,
+    VisitorState,
     call_resolver,
     default_identity,
 )
@@ -310,7 +311,7 @@ class PersonalizeMiddleware:
         fetch = True
         if self.crawlers == "defaults" and user_agent is not None and is_bot(user_agent):
             keys, fetch = (), False  # a crawler: the defaults, without an upstream call
-        visitor = _VisitorState()
+        visitor = VisitorState()
 
         async def identity_factory() -> Identity:
             return await self._resolve_identity(scope, visitor)
@@ -332,16 +333,14 @@ class PersonalizeMiddleware:
         state["personalize"] = handle
         await handle.start()
 
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self._decorate_response(message, handle, visitor, scope)
-            await send(message)
-
+        gate = ResponseGate(send, handle, visitor, self.visitor_cookie, scope)
         token = current_personalization.set(handle)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, gate.send)
         finally:
             current_personalization.reset(token)
+        if gate.held is not None:  # not reached on an exception: a held start is dropped
+            await gate.finish()
 
     async def _own_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The tracking endpoint, the script and (in local mode) the report."""
@@ -358,7 +357,7 @@ class PersonalizeMiddleware:
             await self.app(scope, receive, send)
             return
         identity = (
-            await self._resolve_identity(scope, _VisitorState(), issue=False)
+            await self._resolve_identity(scope, VisitorState(), issue=False)
             if scope["method"] == "POST"  # only beacons are checked against the visitor
             else None
         )
@@ -366,7 +365,7 @@ class PersonalizeMiddleware:
         await self.tracking.handle(scope, receive, send, identity, client_ip=client_ip)
 
     async def _resolve_identity(
-        self, scope: Scope, visitor: _VisitorState, *, issue: bool = True
+        self, scope: Scope, visitor: VisitorState, *, issue: bool = True
     ) -> Identity:
         conn = HTTPConnection(scope)
         identity = await call_resolver(self.identify, conn)
@@ -379,26 +378,6 @@ class PersonalizeMiddleware:
         visitor.set_cookie = resign
         visitor.visitor_id = visitor_id
         return Identity(visitor_id=visitor_id)
-
-    def _decorate_response(
-        self, message: Message, handle: Personalization, visitor: _VisitorState, scope: Scope
-    ) -> None:
-        if not handle.used and not visitor.set_cookie:
-            return
-        cookie = None
-        if visitor.set_cookie and visitor.visitor_id is not None:
-            cookie = self.visitor_cookie.set_cookie_header(
-                visitor.visitor_id, secure=scope.get("scheme") == "https"
-            )
-        make_private(message, used=handle.used, set_cookie=cookie)
-
-
-class _VisitorState:
-    __slots__ = ("set_cookie", "visitor_id")
-
-    def __init__(self) -> None:
-        self.set_cookie = False
-        self.visitor_id: str | None = None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -81,6 +81,8 @@ class Personalization:
         #: Per-page-view parts the tracking hooks compute once (theirs; opaque here).
         self.tracking_state: Any = None
         self.tracking = tracking
+        #: True once the page depends on the visitor (route keys, an experience read, the
+        #: identity or the render id asked for): the middleware then makes it private.
         self.used = bool(keys)
         #: The request's User-Agent (crawlers are not tracked; see ``tracking.is_bot``).
         self.user_agent = user_agent
@@ -94,6 +96,10 @@ class Personalization:
             await self._request(self.keys)
 
     async def resolve_identity(self) -> Identity:
+        """Who this request is (the visitor cookie is issued if there was none). A page
+        that asks is personal: its response is made private like one that read
+        experiences."""
+        self.used = True
         if self._identity is None:
             self._identity = await self._identity_factory()
         return self._identity
@@ -133,7 +139,9 @@ class Personalization:
 
     @property
     def render_id(self) -> str:
-        """A random id for this page view, bound into tracking tokens."""
+        """A random id for this page view, bound into tracking tokens (a page showing it
+        is private: one id shared by many visitors would merge their events)."""
+        self.used = True
         if self._render_id is None:
             self._render_id = secrets.token_urlsafe(12)
         return self._render_id
