@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from os import PathLike
-from typing import Literal
+from typing import Any, Literal
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +27,7 @@ from ._identity import (
 from ._interfaces import PersonalizeBackend, SharedLayer
 from ._lifecycle import Lifecycle
 from ._models import Identity
+from ._overrides import current_override
 from ._personalization import Personalization, current_personalization
 from ._reporting import ReportingBackend
 from ._routes import RouteKeys, RoutesConfig
@@ -112,6 +113,9 @@ class PersonalizeMiddleware:
             )
         self.routes = RouteKeys(routes, site_keys)
         self.local_mode = False
+        test_tracking: Mapping[str, Any] = {}
+        if (override := current_override()) is not None:  # personalize_middleware.testing
+            backend, settings, test_tracking = override.backend, None, override.tracking
         self._owns_backend = backend is None
         if backend is None:
             if settings is None and PersonalizeSettings.env_has_credentials():
@@ -180,6 +184,7 @@ class PersonalizeMiddleware:
                 impressions=impressions,
                 allowed_origins=tracking_allowed_origins,
                 token_ttl=tracking_token_ttl,
+                **test_tracking,
             )
         else:
             self.tracking = None

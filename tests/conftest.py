@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
