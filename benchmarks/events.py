@@ -20,8 +20,7 @@ from starlette.types import ASGIApp, Message
 
 from personalize_middleware import Identity
 from personalize_middleware._identity import VisitorCookie
-from personalize_middleware.tracking import TrackingLimits
-from personalize_middleware.tracking._hooks import TrackingToken, encode_token
+from personalize_middleware.tracking import TrackingLimits, TrackingToken, encode_token
 
 from ._apps import BROWSER_HEADERS, KEYS, InstantBackend, build_app, experience_body
 from ._asgi import find_middleware, lifespan, make_scope

@@ -41,7 +41,7 @@ from personalize_middleware.jinja import (
     setup_jinja,
     setup_templates,
 )
-from personalize_middleware.tracking._hooks import Tracking, decode_token
+from personalize_middleware.tracking import Tracking, decode_token
 from tests.support.tracking_helpers import StaticBackend, context_for
 
 KEYRING = Keyring(["jinja-test-secret-0123456789"])

@@ -26,9 +26,9 @@ from personalize_middleware.tracking._bots import (
     _matcher,
     literal_alternatives,
     load_patterns,
-    render_list,
 )
 from personalize_middleware.tracking._update_bot_list import main as update_bot_list
+from personalize_middleware.tracking._update_bot_list import render_list
 from tests.support.tracking_helpers import BROWSER_USER_AGENT, GOOGLEBOT_USER_AGENT
 
 LIST_TEXT = (

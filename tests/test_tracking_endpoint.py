@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 from personalize_middleware import ExperienceStore, Identity, Personalization
 from personalize_middleware._models import ACTION_CLICKED, ACTION_SHOWN
 from personalize_middleware._signing import Keyring
-from personalize_middleware.tracking._hooks import Tracking, TrackingToken, encode_token
+from personalize_middleware.tracking import Tracking, TrackingToken, encode_token
 from tests.support.spec import validate_request_parts
 from tests.support.tracking_helpers import BROWSER_USER_AGENT, StaticBackend, context_for
 

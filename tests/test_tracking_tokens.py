@@ -20,7 +20,7 @@ from personalize_middleware import (
     TemplateUsageError,
 )
 from personalize_middleware._signing import Keyring, b64url_decode, b64url_encode
-from personalize_middleware.tracking._hooks import Tracking
+from personalize_middleware.tracking import Tracking
 from personalize_middleware.tracking._tokens import (
     InvalidTokenError,
     TrackingToken,

@@ -14,9 +14,8 @@ from ._hooks import (
     DEFAULT_TOKEN_TTL,
     IMPRESSION_ATTR,
     Tracking,
-    TrackingStats,
 )
-from ._recorder import EventRecorder
+from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     MAX_B_ID_LENGTH,
     TrackingToken,

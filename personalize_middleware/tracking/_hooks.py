@@ -39,16 +39,12 @@ from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     _DERIVED_KEY,
     _IMPRESSION_PART,
-    MAX_B_ID_LENGTH,
     TOKEN_PURPOSE,
     TrackingToken,
     _cached_experience_part,
     _click_part,
     _mac_prefix,
     _page_tail,
-    decode_token,
-    decode_tokens,
-    encode_token,
     validate_b_id,
 )
 
@@ -57,20 +53,7 @@ if TYPE_CHECKING:
 
     from .._interfaces import PageView
 
-__all__ = [
-    "CLICK_ATTR",
-    "DEFAULT_BODY_TIMEOUT",
-    "DEFAULT_TOKEN_TTL",
-    "IMPRESSION_ATTR",
-    "MAX_B_ID_LENGTH",
-    "Tracking",
-    "TrackingStats",
-    "TrackingToken",
-    "decode_token",
-    "decode_tokens",
-    "encode_token",
-    "validate_b_id",
-]
+__all__ = ["CLICK_ATTR", "DEFAULT_BODY_TIMEOUT", "DEFAULT_TOKEN_TTL", "IMPRESSION_ATTR", "Tracking"]
 
 logger = logging.getLogger("personalize_middleware.tracking")
 
