@@ -7,6 +7,9 @@
     ├── TemplateUsageError          a helper used wrongly at render time (bad b_id, ...)
     ├── InvalidTokenError           a tracking token that is malformed, forged, expired or
     │                               another visitor's (the beacon endpoint answers 403)
+    ├── InvalidExperienceError      an experience or metadata entry not shaped as the API
+    │                               documents (the client reports it as MalformedResponseError)
+    ├── ClientClosedError           a call on a PersonalizeClient after aclose()
     └── APIError                    anything the MoEngage API (or the way to it) did
         ├── AuthenticationError     401: wrong workspace id / secret; never retried
         ├── BadRequestError         400: carries the API's title / description / code
@@ -28,7 +31,9 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "CircuitOpenError",
+    "ClientClosedError",
     "ConfigurationError",
+    "InvalidExperienceError",
     "InvalidTokenError",
     "MalformedResponseError",
     "PersonalizeError",
@@ -57,6 +62,14 @@ class TemplateUsageError(PersonalizeError, ValueError):
 
 class InvalidTokenError(PersonalizeError, ValueError):
     """A tracking token that is malformed, forged, expired or someone else's."""
+
+
+class InvalidExperienceError(PersonalizeError, ValueError):
+    """An experience or metadata entry that is not shaped as the API documents."""
+
+
+class ClientClosedError(PersonalizeError, RuntimeError):
+    """The ``PersonalizeClient`` was used after ``aclose()``."""
 
 
 class APIError(PersonalizeError):

@@ -27,6 +27,8 @@ __all__ = [
     "identity_hash",
 ]
 
+from ._exceptions import InvalidExperienceError
+
 logger = logging.getLogger("personalize_middleware")
 
 DATA_TYPES: tuple[str, ...] = ("string", "number", "float", "boolean", "json")
@@ -147,15 +149,15 @@ class Experience:
         Raises ``ValueError`` when the object does not have the documented shape.
         """
         if not isinstance(data, Mapping):
-            raise ValueError(f"experience {key!r} is not an object")
+            raise InvalidExperienceError(f"experience {key!r} is not an object")
         raw_payload = data.get("payload", {})
         context = data.get("experience_context", {})
         if raw_payload is None:
             raw_payload = {}
         if not isinstance(raw_payload, Mapping):
-            raise ValueError(f"experience {key!r}: payload is not an object")
+            raise InvalidExperienceError(f"experience {key!r}: payload is not an object")
         if not isinstance(context, Mapping):
-            raise ValueError(f"experience {key!r}: experience_context is not an object")
+            raise InvalidExperienceError(f"experience {key!r}: experience_context is not an object")
         payload: dict[str, Any] = {}
         for name, item in raw_payload.items():
             if not isinstance(item, Mapping) or "value" not in item:
@@ -206,10 +208,10 @@ class ExperienceMetadata:
     @classmethod
     def from_api(cls, data: Any) -> ExperienceMetadata:
         if not isinstance(data, Mapping):
-            raise ValueError("metadata entry is not an object")
+            raise InvalidExperienceError("metadata entry is not an object")
         key = data.get("experience_key")
         if not isinstance(key, str) or not key:
-            raise ValueError("metadata entry has no experience_key")
+            raise InvalidExperienceError("metadata entry has no experience_key")
         name = data.get("experience_name", "")
         status = data.get("status", "")
         return cls(key=key, name=str(name or ""), status=str(status or ""))

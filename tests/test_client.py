@@ -26,6 +26,7 @@ from personalize_middleware import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    ClientClosedError,
     ConfigurationError,
     EventElement,
     MalformedResponseError,
@@ -517,7 +518,7 @@ async def test_closed_client_refuses_calls() -> None:
     await client.aclose()
     await client.aclose()  # idempotent
     assert client.is_closed
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(ClientClosedError, match="closed"):
         await client.fetch_metadata()
 
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from .._exceptions import TemplateUsageError
 from .._signing import b64url_decode
 
 __all__ = ["HookedPage", "click", "view"]
@@ -65,7 +66,7 @@ def _page(page: Any) -> HookedPage:
 def _text(page: Any) -> str:
     text = getattr(page, "text", page)
     if not isinstance(text, str):
-        raise TypeError("pass a response (with .text) or the page's HTML")
+        raise TemplateUsageError("pass a response (with .text) or the page's HTML")
     return text
 
 

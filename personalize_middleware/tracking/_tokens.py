@@ -123,7 +123,7 @@ def _click_part(b_id: str) -> str:
 def _page_tail(render_id: str, expires: float) -> str:
     """``.render_id.expires.`` with ``expires`` (Unix seconds) written in milliseconds."""
     if _RENDER_ID.fullmatch(render_id) is None:
-        raise ValueError("render_id must be 1 to 64 characters of [A-Za-z0-9_-]")
+        raise TemplateUsageError("render_id must be 1 to 64 characters of [A-Za-z0-9_-]")
     return f".{render_id}.{round(expires * 1000)}."
 
 
@@ -139,7 +139,7 @@ def encode_token(keyring: Keyring, identity: Identity, token: TrackingToken) -> 
     are the same for every element of a page."""
     element = _IMPRESSION_PART if token.kind == "shown" else None
     if (token.b_id is None) != (element is not None):
-        raise ValueError("a click token needs a b_id, an impression token none")
+        raise TemplateUsageError("a click token needs a b_id, an impression token none")
     body = (
         _experience_part(token.key, token.context)
         + _page_tail(token.render_id, token.expires)

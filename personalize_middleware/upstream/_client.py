@@ -33,6 +33,7 @@ from .._exceptions import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    ClientClosedError,
     ConfigurationError,
     MalformedResponseError,
     RateLimitedError,
@@ -268,7 +269,7 @@ class PersonalizeClient:
 
     async def _call(self, endpoint: str, method: str, url: str, body: bytes | None) -> Any:
         if self._closed:
-            raise RuntimeError("PersonalizeClient is closed")
+            raise ClientClosedError("PersonalizeClient is closed")
         started = time.perf_counter()
         try:
             # httpx's timeouts are per operation: an upstream trickling a byte more often
