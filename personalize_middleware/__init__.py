@@ -29,6 +29,7 @@ from ._models import (
     ExperienceMetadata,
     Identity,
 )
+from ._options import AttributeOptions, CacheOptions, CookieOptions, TrackingOptions
 from ._personalization import Personalization, current_personalization
 from ._retry import RetryPolicy
 from ._signing import Keyring
@@ -49,12 +50,15 @@ from .upstream import CircuitBreaker, PersonalizeClient
 
 __all__ = [
     "APIError",
+    "AttributeOptions",
     "AuthenticationError",
     "BadRequestError",
     "BatcherStats",
+    "CacheOptions",
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigurationError",
+    "CookieOptions",
     "EventAction",
     "EventBatcher",
     "EventElement",
@@ -86,6 +90,7 @@ __all__ = [
     "TemplateExperience",
     "TemplateUsageError",
     "Tracking",
+    "TrackingOptions",
     "TrackingStats",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",

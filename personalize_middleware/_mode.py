@@ -64,8 +64,9 @@ def choose_backend(options: ResolvedOptions) -> Mode:
         local = LocalBackend(path)
     except ConfigurationError as exc:
         detail = str(exc).removeprefix(f"{path}: ")
-        if not os.path.isabs(path) and not os.path.exists(path):
-            detail += f" (relative to {os.getcwd()})"
+        if not os.path.exists(path):
+            where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
+            detail = f"no such file{where}; expected a .json or .yaml experiences file"
         raise ConfigurationError(
             f"local_experiences={path!r}: {detail}", field="local_experiences"
         ) from exc

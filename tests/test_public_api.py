@@ -11,12 +11,15 @@ import personalize_middleware
 
 EXPECTED = [
     "APIError",
+    "AttributeOptions",
     "AuthenticationError",
     "BadRequestError",
     "BatcherStats",
+    "CacheOptions",
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigurationError",
+    "CookieOptions",
     "EventAction",
     "EventBatcher",
     "EventElement",
@@ -48,6 +51,7 @@ EXPECTED = [
     "TemplateExperience",
     "TemplateUsageError",
     "Tracking",
+    "TrackingOptions",
     "TrackingStats",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
