@@ -89,6 +89,7 @@ class PersonalizeMiddleware:
 
     def _configure(self, options: ResolvedOptions) -> None:
         self.routes = RouteKeys(options.routes, options.site_keys)
+        proxies = TrustedProxies(options.trusted_proxies)  # checked before they are used
         mode = choose_backend(options)
         backend, settings, self.local_source = mode.backend, mode.settings, mode.local_source
         self.backend: PersonalizeBackend = backend
@@ -134,7 +135,7 @@ class PersonalizeMiddleware:
             path=cookie.path,
             same_site=cookie.same_site,
             https_only=cookie.https_only,
-            proxies=TrustedProxies(options.trusted_proxies),
+            proxies=proxies,
         )
         self.latency_budget = options.latency_budget
         self.report_guard, show_report = report_access(
