@@ -13,7 +13,6 @@ from starlette.middleware import Middleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.testclient import TestClient
 
 from personalize_middleware import (
     AttributeOptions,
@@ -134,10 +133,23 @@ def test_positional_options_are_refused_at_start_up_not_with_a_type_error() -> N
     assert "keyword arguments only" in str(middleware.configuration_error)
 
 
-def test_a_mistake_fails_the_lifespan_with_one_line_and_raises_for_test_clients() -> None:
+@pytest.mark.anyio
+async def test_starlettes_lazily_built_middleware_fails_the_lifespan() -> None:
+    """Starlette builds the middleware inside this first ASGI call: the mistake must come
+    out as ``lifespan.startup.failed`` (what stops uvicorn), and as the exception."""
     app = Starlette(middleware=[Middleware(PersonalizeMiddleware, latency_budget="fast")])
-    with pytest.raises(ConfigurationError, match="latency_budget='fast'"), TestClient(app):
-        pass
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    with pytest.raises(ConfigurationError, match="latency_budget='fast'"):
+        await app({"type": "lifespan", "state": {}}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "latency_budget='fast': expected a positive number" in sent[0]["message"]
 
 
 @pytest.mark.anyio
@@ -166,15 +178,18 @@ async def test_the_failed_lifespan_message_is_one_line() -> None:
     )
 
 
-def test_without_a_lifespan_every_request_raises_the_same_mistake() -> None:
+@pytest.mark.anyio
+async def test_without_a_lifespan_every_request_raises_the_same_mistake() -> None:
     app = Starlette(
         routes=[Route("/", page)],
         middleware=[Middleware(PersonalizeMiddleware, impressions="browser")],
     )
-    client = TestClient(app)  # no `with`: no lifespan, like uvicorn --lifespan off
-    for _ in range(2):
-        with pytest.raises(ConfigurationError, match="impressions='browser'"):
-            client.get("/")
+    # No lifespan, like uvicorn --lifespan off: the first request starts the middleware.
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for _ in range(2):
+            with pytest.raises(ConfigurationError, match="impressions='browser'"):
+                await client.get("/")
 
 
 # -- mode -------------------------------------------------------------------------------------
@@ -297,7 +312,7 @@ def anonymous(conn: HTTPConnection) -> Identity | None:
     return None
 
 
-def set_cookie(
+async def set_cookie(
     *,
     client: tuple[str, int] = ("203.0.113.9", 5000),
     scheme: str = "http",
@@ -319,13 +334,16 @@ def set_cookie(
             )
         ],
     )
-    with TestClient(app, base_url=f"{scheme}://shop.test", client=client) as test_client:
-        response = test_client.get("/", headers=headers or {})
+    # The peer address as the server would put it in the scope (no server rewrites here).
+    transport = httpx.ASGITransport(app=app, client=client)
+    async with httpx.AsyncClient(transport=transport, base_url=f"{scheme}://shop.test") as c:
+        response = await c.get("/", headers=headers or {})
     return response.headers["set-cookie"]
 
 
-def test_cookie_options_reach_the_header() -> None:
-    cookie = set_cookie(
+@pytest.mark.anyio
+async def test_cookie_options_reach_the_header() -> None:
+    cookie = await set_cookie(
         cookie=CookieOptions(name="vid", domain=".shop.test", path="/shop", same_site="strict")
     )
     assert cookie.startswith("vid=")
@@ -334,24 +352,28 @@ def test_cookie_options_reach_the_header() -> None:
     assert "Secure" not in parts
 
 
-def test_regression_behind_a_trusted_tls_proxy_the_cookie_is_secure() -> None:
+@pytest.mark.anyio
+async def test_regression_behind_a_trusted_tls_proxy_the_cookie_is_secure() -> None:
     """Secure followed only the ASGI scheme: behind a TLS-terminating proxy (http to the
     app) the cookie went out without Secure."""
     proxy = ("10.0.0.5", 4000)
     forwarded = {"x-forwarded-proto": "https"}
-    assert "Secure" in set_cookie(client=proxy, headers=forwarded, trusted_proxies=["10.0.0.0/8"])
+    assert "Secure" in await set_cookie(
+        client=proxy, headers=forwarded, trusted_proxies=["10.0.0.0/8"]
+    )
     # Not from a trusted peer: the header is anyone's to send.
-    assert "Secure" not in set_cookie(client=("203.0.113.9", 1), headers=forwarded)
-    assert "Secure" not in set_cookie(
+    assert "Secure" not in await set_cookie(client=("203.0.113.9", 1), headers=forwarded)
+    assert "Secure" not in await set_cookie(
         client=("203.0.113.9", 1), headers=forwarded, trusted_proxies=["10.0.0.0/8"]
     )
-    assert "Secure" not in set_cookie(
+    assert "Secure" not in await set_cookie(
         client=proxy, headers={"x-forwarded-proto": "http"}, trusted_proxies=["10.0.0.0/8"]
     )
-    assert "Secure" in set_cookie(scheme="https")  # the server's own scheme
+    assert "Secure" in await set_cookie(scheme="https")  # the server's own scheme
 
 
-def test_https_only_and_same_site_none_force_the_secure_flag() -> None:
-    assert "Secure" in set_cookie(cookie=CookieOptions(https_only=True))
-    assert "Secure" not in set_cookie(scheme="https", cookie=CookieOptions(https_only=False))
-    assert "Secure" in set_cookie(cookie=CookieOptions(same_site="none"))
+@pytest.mark.anyio
+async def test_https_only_and_same_site_none_force_the_secure_flag() -> None:
+    assert "Secure" in await set_cookie(cookie=CookieOptions(https_only=True))
+    assert "Secure" not in await set_cookie(scheme="https", cookie=CookieOptions(https_only=False))
+    assert "Secure" in await set_cookie(cookie=CookieOptions(same_site="none"))
