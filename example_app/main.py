@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.templating import Jinja2Templates
 
 from personalize_middleware import (
+    ConfigurationError,
     Identity,
     Personalization,
     PersonalizeMiddleware,
@@ -142,10 +143,13 @@ def _dev_secret() -> str:
 
 
 def settings_from_env() -> PersonalizeSettings | None:
-    """Real MoEngage when credentials are in the environment, else None (local mode)."""
-    if PersonalizeSettings.env_has_credentials():
-        return PersonalizeSettings.from_env()
-    return None
+    """Real MoEngage when credentials are in the environment, else None: local mode when
+    no ``MOENGAGE_*`` variable is set; half of them set is reported by the middleware at
+    start-up, in one line (raising here, at import time, would be a traceback)."""
+    try:
+        return PersonalizeSettings.from_env_if_configured()
+    except ConfigurationError:
+        return None
 
 
 app = create_app(settings_from_env())

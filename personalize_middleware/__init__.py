@@ -31,6 +31,7 @@ from ._models import (
     ExperienceMetadata,
     Identity,
 )
+from ._options import AttributeOptions, CacheOptions, CookieOptions, TrackingOptions
 from ._personalization import Personalization, current_personalization
 from ._retry import RetryPolicy
 from ._signing import Keyring
@@ -60,13 +61,16 @@ from .upstream import CircuitBreaker, PersonalizeClient
 
 __all__ = [
     "APIError",
+    "AttributeOptions",
     "AuthenticationError",
     "BadRequestError",
     "BatcherStats",
+    "CacheOptions",
     "CircuitBreaker",
     "CircuitOpenError",
     "ClientClosedError",
     "ConfigurationError",
+    "CookieOptions",
     "EventAction",
     "EventBatcher",
     "EventElement",
@@ -100,6 +104,7 @@ __all__ = [
     "TemplateUsageError",
     "Tracking",
     "TrackingLimits",
+    "TrackingOptions",
     "TrackingStats",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",

@@ -16,7 +16,10 @@ __all__ = [
     "DEFAULT_DATA_CENTER",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_READ_TIMEOUT",
+    "ENV_VARIABLES",
     "PersonalizeSettings",
+    "describe_value",
+    "invalid_option",
     "mask_secret",
     "positive_int",
     "positive_number",
@@ -33,21 +36,41 @@ _ENV_API_SECRET = "MOENGAGE_API_SECRET"  # noqa: S105 - the variable's name, not
 _ENV_DATA_CENTER = "MOENGAGE_DATA_CENTER"
 _ENV_BASE_URL = "MOENGAGE_BASE_URL"
 _ENV_REDIS_URL = "MOENGAGE_REDIS_URL"
+#: Every variable ``from_env`` reads: setting any of them means "use MoEngage".
+ENV_VARIABLES: tuple[str, ...] = (
+    _ENV_WORKSPACE_ID,
+    _ENV_API_SECRET,
+    _ENV_DATA_CENTER,
+    _ENV_BASE_URL,
+    _ENV_REDIS_URL,
+)
+_MAX_SHOWN = 60
 
 _WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+
+
+def describe_value(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def invalid_option(name: str, value: Any, expected: str) -> ConfigurationError:
+    """The one-line error for a bad option: ``name=value: expected ...``."""
+    return ConfigurationError(f"{name}={describe_value(value)}: expected {expected}", field=name)
 
 
 def positive_number(name: str, value: Any) -> float:
     """``value`` as a float if it is a positive number; else a ConfigurationError naming it."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{name} must be a positive number", field=name)
+        raise invalid_option(name, value, "a positive number")
     return float(value)
 
 
 def positive_int(name: str, value: Any) -> int:
     """``value`` if it is an integer >= 1; else a ConfigurationError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive integer", field=name)
+        raise invalid_option(name, value, "a positive integer")
     return value
 
 
@@ -145,9 +168,34 @@ class PersonalizeSettings:
         ):
             if required not in values:
                 raise ConfigurationError(
-                    f"{env_name} is not set (needed for {required})", field=required
+                    f"{env_name} is not set (needed for {required}); for local mode, give "
+                    "PersonalizeMiddleware no settings: it reads the environment itself",
+                    field=required,
                 )
         return cls(**values)
+
+    @classmethod
+    def from_env_if_configured(
+        cls, environ: Mapping[str, str] | None = None
+    ) -> PersonalizeSettings | None:
+        """``from_env()`` when ``MOENGAGE_WORKSPACE_ID`` and ``MOENGAGE_API_SECRET`` are both
+        set; ``None`` when no ``MOENGAGE_*`` variable is set (local mode). Anything in
+        between is a half-configured production: a ``ConfigurationError`` naming what is
+        missing, never a silent switch to local mode."""
+        env = os.environ if environ is None else environ
+        present = [name for name in ENV_VARIABLES if env.get(name, "").strip()]
+        if not present:
+            return None
+        missing = [name for name in (_ENV_WORKSPACE_ID, _ENV_API_SECRET) if name not in present]
+        if missing:
+            raise ConfigurationError(
+                f"{' and '.join(present)} {'is' if len(present) == 1 else 'are'} set but "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: set "
+                f"{_ENV_WORKSPACE_ID} and {_ENV_API_SECRET} to use MoEngage, or unset "
+                f"{' and '.join(present)} for local mode",
+                field=missing[0],
+            )
+        return cls.from_env(env)
 
     @staticmethod
     def env_has_credentials(environ: Mapping[str, str] | None = None) -> bool:

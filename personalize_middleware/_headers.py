@@ -131,7 +131,7 @@ class ResponseGate:
                 )
         cookie = None
         if visitor.set_cookie and visitor.visitor_id is not None:
-            secure = self._scope.get("scheme") == "https"
+            secure = self._cookie.secure_for(self._scope)
             cookie = self._cookie.set_cookie_header(visitor.visitor_id, secure=secure)
         make_private(message, set_cookie=cookie)
 

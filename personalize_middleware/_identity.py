@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import HTTPConnection, cookie_parser
+from starlette.types import Scope
 
 from ._interfaces import IdentityResolver
 from ._models import Identity
+from ._proxies import TrustedProxies
 from ._signing import Keyring
 
 __all__ = [
@@ -115,13 +117,26 @@ def _cookie_value(header: str, name: str) -> str | None:
 
 
 class VisitorCookie:
-    """The anonymous visitor id: random, in a signed, HttpOnly, SameSite=Lax cookie.
+    """The anonymous visitor id: random, in a signed, HttpOnly cookie (SameSite=Lax and
+    ``Path=/`` unless configured otherwise; ``Domain`` only when given).
+
+    ``Secure`` (``secure_for``): always with ``https_only=True`` or ``same_site="none"``,
+    never with ``https_only=False``, else when the request is https, as the server saw
+    it or as one of ``proxies`` says in ``X-Forwarded-Proto``.
 
     A cookie whose signature does not verify is ignored (a new id is issued), so one
     visitor cannot adopt another's id, and thereby their variations, by sending it.
     """
 
-    __slots__ = ("_keyring", "_verified", "max_age", "name")
+    __slots__ = (
+        "_attributes",
+        "_keyring",
+        "_proxies",
+        "_verified",
+        "https_only",
+        "max_age",
+        "name",
+    )
 
     def __init__(
         self,
@@ -129,10 +144,22 @@ class VisitorCookie:
         *,
         name: str = DEFAULT_VISITOR_COOKIE,
         max_age: int = DEFAULT_VISITOR_MAX_AGE,
+        domain: str | None = None,
+        path: str = "/",
+        same_site: str = "lax",
+        https_only: bool | None = None,
+        proxies: TrustedProxies | None = None,
     ) -> None:
         self._keyring = keyring
         self.name = name
         self.max_age = max_age
+        self.https_only = True if same_site.lower() == "none" else https_only
+        self._proxies = proxies or TrustedProxies()
+        attributes = [f"Path={path}"]
+        if domain:
+            attributes.append(f"Domain={domain}")
+        attributes += [f"Max-Age={max_age}", "HttpOnly", f"SameSite={same_site.capitalize()}"]
+        self._attributes = "; ".join(attributes)
         # Cookie values already verified (the same string always verifies the same way):
         # a returning visitor costs a dict lookup instead of an HMAC. Bounded.
         self._verified: dict[str, tuple[str, bool]] = {}
@@ -163,18 +190,18 @@ class VisitorCookie:
     def new_id(self) -> str:
         return secrets.token_urlsafe(16)
 
+    def secure_for(self, scope: Scope) -> bool:
+        """Whether the cookie set on this request's response is ``Secure``."""
+        if self.https_only is not None:
+            return self.https_only
+        return self._proxies.is_https(scope)
+
     def set_cookie_header(self, visitor_id: str, *, secure: bool) -> bytes:
         value = f"{visitor_id}.{self._keyring.sign('visitor', visitor_id.encode('ascii'))}"
-        parts = [
-            f"{self.name}={value}",
-            "Path=/",
-            f"Max-Age={self.max_age}",
-            "HttpOnly",
-            "SameSite=Lax",
-        ]
+        header = f"{self.name}={value}; {self._attributes}"
         if secure:
-            parts.append("Secure")
-        return "; ".join(parts).encode("latin-1")
+            header += "; Secure"
+        return header.encode("latin-1")
 
 
 class VisitorState:

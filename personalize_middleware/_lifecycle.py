@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Lifecycle"]
+from ._exceptions import ConfigurationError
+
+__all__ = ["Lifecycle", "startup_failure"]
 
 
 class Lifecycle(enum.Enum):
@@ -15,3 +17,12 @@ class Lifecycle(enum.Enum):
     RUNNING = "running"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+def startup_failure(exc: BaseException) -> str:
+    """What a failed start-up says (``lifespan.startup.failed``): one line, whatever the
+    exception's message held."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ConfigurationError):
+        return f"personalize-middleware: configuration error: {text}"
+    return f"personalize-middleware: start-up failed: {type(exc).__name__}: {text}"

@@ -5,51 +5,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
-from os import PathLike
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Unpack
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._config import PersonalizeSettings, positive_int, positive_number
-from ._context import DEFAULT_QUERY_PARAMS, SessionAttributes
+from ._config import invalid_option
+from ._context import SessionAttributes
 from ._exceptions import ConfigurationError
 from ._headers import ResponseGate
 from ._identity import (
-    DEFAULT_VISITOR_COOKIE,
     IdentityResolver,
     VisitorCookie,
     VisitorState,
     call_resolver,
     default_identity,
 )
-from ._interfaces import PersonalizeBackend, SharedLayer
-from ._lifecycle import Lifecycle
+from ._interfaces import PersonalizeBackend
+from ._lifecycle import Lifecycle, startup_failure
+from ._mode import (
+    choose_backend,
+    local_mode_warning,
+    metadata_watcher,
+    report_access,
+    report_app,
+)
 from ._models import Identity
+from ._options import (
+    DEFAULT_LATENCY_BUDGET,
+    DEFAULT_TRACKING_PREFIX,
+    MiddlewareOptions,
+    ResolvedOptions,
+)
 from ._overrides import current_override
 from ._personalization import Personalization, current_personalization
+from ._proxies import TrustedProxies
 from ._reporting import ReportingBackend
-from ._routes import RouteKeys, RoutesConfig
+from ._resolve import resolve_options
+from ._routes import RouteKeys
 from ._signing import Keyring
-from .cache import (
-    DEFAULT_CACHE_MAXSIZE,
-    DEFAULT_CACHE_TTL,
-    DEFAULT_MAX_CONCURRENT_FETCHES,
-    DEFAULT_STALE_IF_ERROR,
-    DEFAULT_STALE_WHILE_REVALIDATE,
-    ExperienceStore,
-)
-from .local import ReportSource, local_report_app
-from .tracking import DEFAULT_TOKEN_TTL, Tracking, is_bot
-from .upstream import DEFAULT_METADATA_REFRESH, CircuitBreaker, MetadataWatcher
+from .cache import ExperienceStore
+from .local import ReportSource
+from .tracking import Tracking, is_bot
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
 
 logger = logging.getLogger("personalize_middleware")
 
-DEFAULT_LATENCY_BUDGET = 0.15
-DEFAULT_TRACKING_PREFIX = "/_personalize"
 _NO_FETCH_METHODS = frozenset({"OPTIONS"})
 
 
@@ -58,168 +61,142 @@ class PersonalizeMiddleware:
     request a ``Personalization`` (``request.state.personalize``).
 
     Backend choice: ``backend`` if given (you own its lifecycle); else the HTTP client
-    built from ``settings`` (or from ``MOENGAGE_*`` environment variables when they hold
-    credentials); else the embedded local engine on ``local_experiences`` (or the packaged
-    sample file), which needs no network and no credentials.
+    built from ``settings``, or from ``MOENGAGE_*`` environment variables when they hold
+    credentials; else, when no ``MOENGAGE_*`` variable is set at all, the embedded local
+    engine on ``local_experiences`` (or the packaged sample file), which needs no network
+    and no credentials. Credentials half set are a configuration error, never local mode.
+
+    The options are checked here, but a mistake is not raised here: Starlette builds
+    middleware lazily, inside the first ASGI call, where an exception does not stop
+    uvicorn (see ``_options``). It is kept in ``configuration_error`` and fails the
+    lifespan start-up with one line (``lifespan.startup.failed``); ``startup()`` raises
+    it, and so does every request when the server runs no lifespan.
 
     Add it *before* ``SessionMiddleware`` / ``AuthenticationMiddleware`` so they wrap it and
     the session and user are known when the identity is resolved.
     """
 
     def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        settings: PersonalizeSettings | None = None,
-        backend: PersonalizeBackend | None = None,
-        local_experiences: str | PathLike[str] | None = None,
-        routes: RoutesConfig | None = None,
-        site_keys: Sequence[str] = (),
-        identify: IdentityResolver | None = None,
-        secret_key: str | Sequence[str] | None = None,
-        latency_budget: float = DEFAULT_LATENCY_BUDGET,
-        cache_ttl: float = DEFAULT_CACHE_TTL,
-        stale_while_revalidate: float = DEFAULT_STALE_WHILE_REVALIDATE,
-        stale_if_error: float = DEFAULT_STALE_IF_ERROR,
-        cache_maxsize: int = DEFAULT_CACHE_MAXSIZE,
-        max_concurrent_fetches: int = DEFAULT_MAX_CONCURRENT_FETCHES,
-        query_params: Sequence[str] = DEFAULT_QUERY_PARAMS,
-        send_day_of_week: bool = True,
-        send_time_of_day: bool = True,
-        send_user_agent: bool = True,
-        send_ip_address: bool = True,
-        trusted_proxies: Sequence[str] = (),
-        visitor_cookie: str = DEFAULT_VISITOR_COOKIE,
-        tracking: bool | Tracking = True,
-        tracking_prefix: str = DEFAULT_TRACKING_PREFIX,
-        impressions: Literal["client", "server"] = "client",
-        tracking_allowed_origins: Sequence[str] = (),
-        tracking_token_ttl: float = DEFAULT_TOKEN_TTL,
-        metadata_refresh: float | None = DEFAULT_METADATA_REFRESH,
-        local_report: bool | None = None,
-        shared: SharedLayer | None = None,
-        breaker: CircuitBreaker | None = None,
-        exclude_paths: Sequence[str] = (),
-        crawlers: Literal["personalize", "defaults"] = "personalize",
+        self, app: ASGIApp, *positional: object, **options: Unpack[MiddlewareOptions]
     ) -> None:
         self.app = app
-        positive_number("latency_budget", latency_budget)
-        positive_number("cache_ttl", cache_ttl)
-        positive_int("cache_maxsize", cache_maxsize)
-        positive_int("max_concurrent_fetches", max_concurrent_fetches)
-        if not tracking_prefix.startswith("/") or tracking_prefix.endswith("/"):
-            raise ConfigurationError(
-                "tracking_prefix must start with '/' and not end with '/'", field="tracking_prefix"
-            )
-        self.routes = RouteKeys(routes, site_keys)
         self.local_mode = False
+        #: The mistake that keeps the middleware from starting, if any (see the docstring).
+        self.configuration_error: Exception | None = None
+        self._state = Lifecycle.NEW
+        self._start_lock: asyncio.Lock | None = None
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+        try:
+            if positional:
+                raise invalid_option(
+                    "options", positional[0], "keyword arguments only (routes=..., ...)"
+                )
+            self._configure(resolve_options(options))
+        except Exception as exc:  # kept for start-up: raising here would not stop uvicorn
+            self.configuration_error = exc
+
+    def _configure(self, options: ResolvedOptions) -> None:
+        self.routes = RouteKeys(options.routes, options.site_keys)
+        proxies = TrustedProxies(options.trusted_proxies)  # checked before they are used
+        mode = choose_backend(options)
+        backend, settings, self.local_source = mode.backend, mode.settings, mode.local_source
+        owns_backend = mode.owns_backend
         test_tracking: Mapping[str, Any] = {}
         if (override := current_override()) is not None:  # personalize_middleware.testing
-            backend, settings, test_tracking = override.backend, None, override.tracking
-        self._owns_backend = backend is None
-        if backend is None:
-            if settings is None and PersonalizeSettings.env_has_credentials():
-                settings = PersonalizeSettings.from_env()
-            if settings is not None:
-                from .upstream import PersonalizeClient
-
-                backend = PersonalizeClient(settings)
-            else:
-                from .local import LocalBackend
-
-                backend = (
-                    LocalBackend(local_experiences)
-                    if local_experiences is not None
-                    else LocalBackend.default()
-                )
-                self.local_mode = True
+            backend, settings, self.local_source = override.backend, None, None
+            owns_backend, test_tracking = False, override.tracking
         self.backend: PersonalizeBackend = backend
+        self._owns_backend = owns_backend
+        self.local_mode = self.local_source is not None
+        shared = options.shared
         if shared is None and settings is not None and settings.redis_url:
             from .cache.redis import RedisSharedLayer
 
             shared = RedisSharedLayer.from_settings(settings)
         self.keyring = Keyring.from_config(
-            secret_key, api_secret=settings.api_secret if settings is not None else None
+            options.secret_key,
+            api_secret=settings.api_secret if settings is not None else None,
+            warn=not self.local_mode,  # local mode says so in its own start-up warning
         )
+        cache = options.cache
         self.store = ExperienceStore(
             backend,
-            ttl=cache_ttl,
-            stale_while_revalidate=stale_while_revalidate,
-            stale_if_error=stale_if_error,
-            maxsize=cache_maxsize,
-            max_concurrent_fetches=max_concurrent_fetches,
+            ttl=cache.ttl,
+            stale_while_revalidate=cache.stale_while_revalidate,
+            stale_if_error=cache.stale_if_error,
+            maxsize=cache.maxsize,
+            max_concurrent_fetches=cache.max_concurrent_fetches,
             shared=shared,
-            breaker=breaker,
+            breaker=options.breaker,
         )
+        attributes = options.attributes
         self.attributes = SessionAttributes(
-            day_of_week=send_day_of_week,
-            time_of_day=send_time_of_day,
-            user_agent=send_user_agent,
-            ip_address=send_ip_address,
-            query_params=query_params,
-            trusted_proxies=trusted_proxies,
+            day_of_week=attributes.day_of_week,
+            time_of_day=attributes.time_of_day,
+            user_agent=attributes.user_agent,
+            ip_address=attributes.ip_address,
+            query_params=attributes.query_params,
+            trusted_proxies=options.trusted_proxies,
         )
-        self.identify: IdentityResolver = identify or default_identity
-        self.visitor_cookie = VisitorCookie(self.keyring, name=visitor_cookie)
-        self.latency_budget = float(latency_budget)
-        show_report = self.local_mode if local_report is None else bool(local_report)
+        self.identify: IdentityResolver = options.identify or default_identity
+        cookie = options.cookie
+        self.visitor_cookie = VisitorCookie(
+            self.keyring,
+            name=cookie.name,
+            max_age=cookie.max_age,
+            domain=cookie.domain,
+            path=cookie.path,
+            same_site=cookie.same_site,
+            https_only=cookie.https_only,
+            proxies=proxies,
+        )
+        self.latency_budget = options.latency_budget
+        self.report_guard, show_report = report_access(
+            options.report, backend, local_mode=self.local_mode
+        )
         events_backend: PersonalizeBackend = backend
         if show_report and not isinstance(backend, ReportSource):
             # Not the local engine: the report counts what this process sent.
             events_backend = ReportingBackend(backend)
+        tracking = options.tracking
         if isinstance(tracking, Tracking):
-            if tracking_prefix not in (DEFAULT_TRACKING_PREFIX, tracking.prefix):
-                raise ConfigurationError(
-                    f"tracking_prefix={tracking_prefix!r} differs from the Tracking object's "
-                    f"prefix {tracking.prefix!r}: set it once, as Tracking(prefix=...)",
-                    field="tracking_prefix",
-                )
-            tracking_prefix = tracking.prefix  # the Tracking object owns its prefix
-            self.tracking: Tracking | None = tracking
-        elif tracking:
+            self.tracking: Tracking | None = tracking  # the app's own: it owns its prefix
+        elif tracking.enabled:
             self.tracking = Tracking(
                 keyring=self.keyring,
                 backend=events_backend,
-                prefix=tracking_prefix,
-                impressions=impressions,
-                allowed_origins=tracking_allowed_origins,
-                token_ttl=tracking_token_ttl,
+                prefix=tracking.prefix,
+                impressions=tracking.impressions,
+                allowed_origins=tracking.allowed_origins,
+                token_ttl=tracking.token_ttl,
                 **test_tracking,
             )
         else:
             self.tracking = None
-        self.tracking_prefix = tracking_prefix
-        self._own_prefix = tracking_prefix + "/"
-        self.metadata = (
-            MetadataWatcher(backend, self.routes.configured_keys, interval=metadata_refresh)
-            if metadata_refresh
-            else None
+        self.tracking_prefix: str = tracking.prefix
+        self._own_prefix = self.tracking_prefix + "/"
+        self.metadata = metadata_watcher(
+            backend, self.routes.configured_keys, options.metadata_refresh, self.local_source
         )
-        self.report_path = tracking_prefix + "/report" if show_report else None
+        self.report_path = self.tracking_prefix + "/report" if show_report else None
         self._report_source: ReportSource | None = None
         if show_report:
             self._report_source = (
                 backend if isinstance(backend, ReportSource) else events_backend  # type: ignore[assignment]
             )
         self._report_app: ASGIApp | None = None
-        self.exclude_paths = tuple(exclude_paths)
-        if crawlers not in ("personalize", "defaults"):
-            raise ConfigurationError(
-                f"crawlers={crawlers!r}: expected 'personalize' or 'defaults'", field="crawlers"
-            )
+        self.exclude_paths = options.exclude_paths
         #: "defaults": known crawlers get every experience's default, with no upstream call.
-        self.crawlers = crawlers
+        self.crawlers = options.crawlers
         # The page view's User-Agent is needed for crawler checks even when it is not sent.
-        self._needs_user_agent = crawlers == "defaults" or (
+        self._needs_user_agent = self.crawlers == "defaults" or (
             self.tracking is not None and self.tracking.bots == "ignore"
         )
-        self._state = Lifecycle.NEW
-        self._start_lock: asyncio.Lock | None = None
-        self._exit_stack: contextlib.AsyncExitStack | None = None
 
     @property
     def configured_keys(self) -> tuple[str, ...]:
         """Every key the route configuration can request (for ``personalize-middleware check``)."""
+        self._raise_configuration_error()
         return self.routes.configured_keys
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -229,14 +206,20 @@ class PersonalizeMiddleware:
         """``NEW``, ``RUNNING``, ``CLOSING`` or ``CLOSED``."""
         return self._state
 
+    def _raise_configuration_error(self) -> None:
+        if self.configuration_error is not None:
+            raise self.configuration_error
+
     async def startup(self) -> None:
         """Open the backend, start the tracking batcher and the metadata refresher.
 
         Runs on the app's lifespan start-up, or on the first request when the server does
         not run the lifespan. Nothing here blocks on the network. A start-up that fails
-        half-way closes what it had opened, in reverse order, and raises."""
+        half-way closes what it had opened, in reverse order, and raises. A configuration
+        mistake (``configuration_error``) is raised here."""
         if self._state is Lifecycle.RUNNING:
             return
+        self._raise_configuration_error()
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
@@ -256,11 +239,16 @@ class PersonalizeMiddleware:
                     stack.push_async_callback(self.metadata.aclose)
                 self._exit_stack = stack.pop_all()
             self._state = Lifecycle.RUNNING
-            logger.info(
-                "personalize: started (%s backend, %d configured keys)",
-                "local" if self.local_mode else type(self.backend).__name__,
-                len(self.routes.configured_keys),
-            )
+            if self.local_mode:
+                # WARNING, not INFO: servers show warnings by default, and a production
+                # that meant MoEngage must not run on the sample file unnoticed.
+                logger.warning(local_mode_warning(self.local_source, self.report_path))
+            else:
+                logger.info(
+                    "personalize: started (%s backend, %d configured keys)",
+                    type(self.backend).__name__,
+                    len(self.routes.configured_keys),
+                )
 
     async def shutdown(self) -> None:
         """Flush pending events, stop refreshers, close what the middleware owns (in the
@@ -288,11 +276,27 @@ class PersonalizeMiddleware:
             await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def lifespan_receive() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
+        """Start before the app's own lifespan runs: a failure is ``lifespan.startup.failed``
+        with one line, which stops uvicorn and gunicorn (in every lifespan mode that runs
+        the lifespan), and the exception is raised for servers and test clients that look
+        at it. The app's start-up message is then replayed to it."""
+        first: Message | None = await receive()
+        if first is not None and first["type"] == "lifespan.startup":
+            try:
                 await self.startup()
-            elif message["type"] == "lifespan.shutdown":
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": startup_failure(exc)})
+                if not isinstance(exc, ConfigurationError):
+                    logger.error("personalize: start-up failed", exc_info=exc)
+                raise
+
+        async def lifespan_receive() -> Message:
+            nonlocal first
+            if first is not None:
+                message, first = first, None
+                return message
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
                 await self.shutdown()
             return message
 
@@ -313,9 +317,10 @@ class PersonalizeMiddleware:
         user_agent = attributes.get("USER_AGENT")
         if user_agent is None and self._needs_user_agent:
             user_agent = _header(scope, b"user-agent")
-        fetch = True
-        if self.crawlers == "defaults" and user_agent is not None and is_bot(user_agent):
-            keys, fetch = (), False  # a crawler: the defaults, without an upstream call
+        # A crawler with crawlers="defaults": the defaults, without an upstream call.
+        fetch = not (self.crawlers == "defaults" and user_agent and is_bot(user_agent))
+        if not fetch:
+            keys = ()
         visitor = VisitorState()
 
         async def identity_factory() -> Identity:
@@ -355,7 +360,7 @@ class PersonalizeMiddleware:
         ):
             if self._report_app is None:
                 assert self._report_source is not None  # set with report_path
-                self._report_app = local_report_app(self._report_source)
+                self._report_app = report_app(self._report_source, self.report_guard)
             await self._report_app(scope, receive, send)
             return
         if self.tracking is None:
@@ -376,7 +381,7 @@ class PersonalizeMiddleware:
         identity = await call_resolver(self.identify, conn)
         if identity is not None:
             return identity
-        visitor_id, resign = self.visitor_cookie.read(_cookie_header(scope))
+        visitor_id, resign = self.visitor_cookie.read(_header(scope, b"cookie"))
         if visitor_id is None:
             visitor_id = self.visitor_cookie.new_id()
             resign = issue
@@ -388,12 +393,5 @@ class PersonalizeMiddleware:
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _cookie_header(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"cookie":
             return str(value.decode("latin-1"))
     return None

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from starlette.convertors import CONVERTOR_TYPES
 from starlette.routing import PARAM_REGEX, compile_path
 
+from ._config import describe_value
 from ._exceptions import ConfigurationError
 
 __all__ = ["MAX_MATCHED_PATH_BYTES", "RouteKeys", "validate_experience_key"]
@@ -43,7 +44,10 @@ RoutesConfig = Mapping[str, Sequence[str]] | Iterable[tuple[str, Sequence[str]]]
 
 def validate_experience_key(key: object, *, where: str) -> str:
     if not isinstance(key, str) or not key.strip():
-        raise ConfigurationError(f"{where}: experience key must be a non-empty string", field=where)
+        raise ConfigurationError(
+            f"{where}: experience key {describe_value(key)}: expected a non-empty string",
+            field=where,
+        )
     if len(key) > _MAX_KEY_LENGTH or not key.isprintable():
         raise ConfigurationError(
             f"{where}: experience key {key[:40]!r} must be printable and at most "
@@ -71,7 +75,9 @@ class RouteKeys:
         every: dict[str, None] = {}
         if isinstance(site_keys, str):
             raise ConfigurationError(
-                "site_keys must be a list of keys, not a string", field="site_keys"
+                f"site_keys={describe_value(site_keys)}: expected a list of keys, e.g. "
+                f"[{site_keys!r}]",
+                field="site_keys",
             )
         self._site = tuple(
             dict.fromkeys(validate_experience_key(k, where="site_keys") for k in site_keys)
@@ -80,17 +86,22 @@ class RouteKeys:
         for item in items:
             if not isinstance(item, tuple | list) or len(item) != 2:
                 raise ConfigurationError(
-                    "routes must map path patterns to key lists", field="routes"
+                    f"routes={describe_value(routes)}: expected a dict of path pattern -> "
+                    "list of keys, e.g. {'/': ['hero-banner']}",
+                    field="routes",
                 )
             pattern, keys = item
             where = f"routes[{pattern!r}]"
             if not isinstance(pattern, str) or not pattern.startswith("/"):
                 raise ConfigurationError(
-                    f"{where}: a route pattern must start with '/'", field="routes"
+                    f"routes key {describe_value(pattern)}: expected a path pattern starting "
+                    "with '/', e.g. '/products/{id}'",
+                    field="routes",
                 )
             if isinstance(keys, str):
                 raise ConfigurationError(
-                    f"{where}: give a list of keys, not a string", field="routes"
+                    f"{where}={keys!r}: expected a list of keys, e.g. [{keys!r}]",
+                    field="routes",
                 )
             matcher = _PathPattern.compile(pattern, where)
             checked = tuple(dict.fromkeys(validate_experience_key(k, where=where) for k in keys))

@@ -22,6 +22,7 @@ __all__ = ["Keyring", "b64url_decode", "b64url_encode"]
 logger = logging.getLogger("personalize_middleware")
 
 _DERIVE_LABEL = b"personalize-middleware/v1/"
+_MIN_SECRET_BYTES = 16
 _SIG_BYTES = 16  # 128-bit truncated HMAC-SHA256: plenty against forgery, short cookies
 _SIG_CHARS = 22  # len(b64url_encode(16 bytes))
 
@@ -76,9 +77,13 @@ class Keyring:
         keys: list[bytes] = []
         for secret in secret_keys:
             raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-            if len(raw) < 16:
+            if len(raw) < _MIN_SECRET_BYTES:
+                # Never the value itself: it is a secret, even a bad one.
                 raise ConfigurationError(
-                    "secret_key must be at least 16 characters", field="secret_key"
+                    f"secret_key=<{len(raw)} characters>: expected at least "
+                    f"{_MIN_SECRET_BYTES} characters, the same on every worker (e.g. "
+                    'python -c "import secrets; print(secrets.token_urlsafe(32))")',
+                    field="secret_key",
                 )
             keys.append(raw)
         self._keys: tuple[bytes, ...] = tuple(keys)
@@ -88,26 +93,46 @@ class Keyring:
 
     @classmethod
     def from_config(
-        cls, secret_key: str | Sequence[str] | None, *, api_secret: str | None = None
+        cls,
+        secret_key: str | Sequence[str] | None,
+        *,
+        api_secret: str | None = None,
+        warn: bool = True,
     ) -> Keyring:
         """Build from the middleware's ``secret_key`` option.
 
         ``None`` derives a key from the API secret (never the secret itself); without
-        either, a random per-process key is used and a warning says what that costs.
+        either, a random per-process key is used and (unless ``warn=False``) a warning
+        says what that costs.
         """
         if secret_key is not None:
-            keys = [secret_key] if isinstance(secret_key, str) else list(secret_key)
+            if not isinstance(secret_key, str | bytes | Sequence):
+                raise ConfigurationError(
+                    f"secret_key=<{type(secret_key).__name__}>: expected a string of at least "
+                    f"{_MIN_SECRET_BYTES} characters, or a list of them (rotation)",
+                    field="secret_key",
+                )
+            keys: list[str | bytes] = (
+                [secret_key] if isinstance(secret_key, str | bytes) else list(secret_key)
+            )
+            for key in keys:
+                if not isinstance(key, str | bytes):
+                    raise ConfigurationError(
+                        f"secret_key=[<{type(key).__name__}>, ...]: expected strings",
+                        field="secret_key",
+                    )
             return cls(keys)
         if api_secret:
             derived = hmac.new(
                 api_secret.encode("utf-8"), _DERIVE_LABEL + b"signing-root", hashlib.sha256
             ).hexdigest()
             return cls([derived])
-        logger.warning(
-            "personalize: no secret_key configured; using a random per-process signing key. "
-            "Visitor cookies and tracking tokens will not survive a restart or work across "
-            "several workers. Set secret_key for production."
-        )
+        if warn:
+            logger.warning(
+                "personalize: no secret_key configured; using a random per-process signing "
+                "key. Visitor cookies and tracking tokens will not survive a restart or work "
+                "across several workers. Set secret_key for production."
+            )
         return cls([secrets.token_hex(32)], ephemeral=True)
 
     def _derive(self, key: bytes, purpose: str) -> bytes:

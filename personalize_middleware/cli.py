@@ -236,22 +236,43 @@ def _fetch(args: argparse.Namespace) -> int:
     attributes.setdefault("TIME_OF_THE_DAY", now.strftime("%H"))
     backend, source = _backend(args)
 
-    async def run() -> dict[str, Any]:
+    async def run() -> tuple[dict[str, Any], dict[str, str]]:
         async with backend:
-            return await backend.fetch_experiences(
+            experiences = await backend.fetch_experiences(
                 args.keys,
                 customer_id=args.customer_id or None,
                 user_identifiers={"u_em": args.email} if args.email else None,
                 attributes=attributes,
             )
+            statuses: dict[str, str] = {}
+            if any(key not in experiences for key in args.keys):
+                # An absent key is "no match" OR "no such key": the metadata tells which.
+                metadata = await backend.fetch_metadata(list(EXPERIENCE_STATUSES))
+                statuses = {item.key: item.status for item in metadata}
+            return experiences, statuses
 
-    experiences = asyncio.run(run())
+    experiences, statuses = asyncio.run(run())
+    unknown = [k for k in dict.fromkeys(args.keys) if k not in experiences and k not in statuses]
     if args.json:
         wire = {key: experience.to_api() for key, experience in experiences.items()}
         print(json.dumps({"experiences": wire}, indent=2, ensure_ascii=False))
-        return 0
-    _print_fetch(sys.stdout, args, source, attributes, experiences)
-    return 0
+    else:
+        _print_fetch(sys.stdout, args, source, attributes, experiences, statuses)
+    for key in unknown:
+        _fail(f"unknown experience key {key!r} in {source}; {_did_you_mean(key, statuses)}")
+    return 1 if unknown else 0
+
+
+def _did_you_mean(key: str, statuses: Mapping[str, str]) -> str:
+    from .upstream import suggest_key
+
+    known = sorted(statuses)
+    hint = suggest_key(key, known)
+    if hint is not None:
+        return f"did you mean {hint!r}?"
+    if not known:
+        return "it has no experiences"
+    return "known keys: " + ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
 
 
 def _print_fetch(
@@ -260,6 +281,7 @@ def _print_fetch(
     source: str,
     attributes: Mapping[str, Any],
     experiences: Mapping[str, Any],
+    statuses: Mapping[str, str],
 ) -> None:
     who = args.customer_id or f"email {args.email}"
     session = ", ".join(f"{k}={v}" for k, v in attributes.items())
@@ -267,7 +289,13 @@ def _print_fetch(
     for key in dict.fromkeys(args.keys):
         experience = experiences.get(key)
         if experience is None:
-            print(f"{key}: no experience for this user (the default renders)", file=out)
+            status = statuses.get(key)
+            if status is None:
+                print(f"{key}: unknown key; {_did_you_mean(key, statuses)}", file=out)
+            elif status != "Active":
+                print(f"{key}: {status}: every user gets the default until it is Active", file=out)
+            else:
+                print(f"{key}: no experience for this user (the default renders)", file=out)
             continue
         context = experience.experience_context
         print(
@@ -504,7 +532,7 @@ def _serve_local(args: argparse.Namespace) -> int:
     print(
         f"MoEngage-compatible local server: {base}/v1\n"
         f"  experiences: {backend.experiences.source} ({len(backend.experiences.experiences)})\n"
-        f"  report:      {base}/report/\n"
+        f"  report:      {base}/report/ (user {args.workspace_id}, password: the API secret)\n"
         f"  clients:     MOENGAGE_BASE_URL={base}/v1 MOENGAGE_WORKSPACE_ID={args.workspace_id} "
         f"{secret_hint}",
         flush=True,

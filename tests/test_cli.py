@@ -258,7 +258,28 @@ def test_fetch_prints_what_the_user_gets(capsys: pytest.CaptureFixture[str]) -> 
     assert "price            = 49.9  [float]" in out or "price            = 29.0  [float]" in out
     assert "show_badge" in out and "[boolean]" in out
     assert "email-landing-banner: variation 1" in out
-    assert "cart-upsell: no experience for this user (the default renders)" in out
+    assert "cart-upsell: Paused: every user gets the default until it is Active" in out
+
+
+def test_regression_fetch_of_an_unknown_key_says_so_and_fails(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's own example fetched ``home-hero``, a key the sample does not have, and
+    printed "no experience for this user" with exit status 0."""
+    code, out, err = run(capsys, "fetch", "--customer-id", "alice", "home-hero", "hero-banner")
+    assert code == 1
+    assert "home-hero: unknown key; did you mean 'hero-banner'?" in out
+    assert "hero-banner: variation 3" in out  # the known key is still shown
+    assert_one_line_error(err, "unknown experience key 'home-hero'", "did you mean 'hero-banner'?")
+    code, out, err = run(capsys, "fetch", "--customer-id", "alice", "--json", "zzzzzz")
+    assert code == 1 and json.loads(out) == {"experiences": {}}
+    assert_one_line_error(err, "'zzzzzz'", "known keys: cart-upsell, christmas-sale-strip")
+
+
+def test_fetch_tells_no_match_from_an_unknown_key(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "fetch", "--customer-id", "zed", "email-landing-banner")
+    assert code == 0, err
+    assert "email-landing-banner: no experience for this user (the default renders)" in out
 
 
 def test_fetch_json_and_email_identity(capsys: pytest.CaptureFixture[str]) -> None:

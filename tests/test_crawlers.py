@@ -60,6 +60,7 @@ def test_by_default_crawlers_see_what_people_see() -> None:
 
 
 def test_a_wrong_crawlers_option_is_a_configuration_error() -> None:
-    with pytest.raises(ConfigurationError, match="crawlers") as caught:
-        PersonalizeMiddleware(Starlette(), backend=StaticBackend({}), crawlers="block")  # type: ignore[arg-type]
-    assert caught.value.field == "crawlers"
+    middleware = PersonalizeMiddleware(Starlette(), backend=StaticBackend({}), crawlers="block")  # type: ignore[typeddict-item]
+    error = middleware.configuration_error  # raised by the start-up (see _options)
+    assert isinstance(error, ConfigurationError) and error.field == "crawlers"
+    assert "'personalize' or 'defaults'" in str(error)

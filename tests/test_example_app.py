@@ -100,6 +100,53 @@ def test_clicking_add_to_cart_shows_up_on_the_local_report() -> None:
     assert "Product page upsell" in report.text
 
 
+def test_regression_the_visible_add_to_cart_button_is_the_tracked_one() -> None:
+    """The product page showed an untracked "Add ... to cart" button first and the tracked
+    one below a blank 120vh band, with nothing saying why."""
+    app = create_app(local_file=EXPERIENCES_FILE, secret_key=SECRET, latency_budget=BUDGET)
+    with TestClient(app) as client:
+        page = client.get("/products/winter-jacket").text
+    main = page[page.index("<main>") : page.index("</main>")]
+    buttons = re.findall(r"<button[^>]*>", main)
+    assert 'id="add-to-cart"' in buttons[0] and "data-pz-click=" in buttons[0]
+    assert all("data-pz-click=" in button for button in buttons), buttons
+    demo = main.index('id="below-the-fold-demo"')
+    assert main.index('id="add-to-cart"') < demo < main.index('class="spacer"')
+    assert "counts an\n    impression only when at least half" in main[demo:]
+    assert main.index('class="spacer"') < main.index('id="upsell-below-the-fold"')
+
+
+def why_notes(html: str) -> dict[str, str]:
+    """Each "why am I seeing this" note, by experience key, as plain text."""
+    notes = re.findall(r'<details class="why" data-why="([^"]+)">(.*?)</details>', html, re.S)
+    return {key: " ".join(re.sub(r"<[^>]+>", "", text).split()) for key, text in notes}
+
+
+def test_every_personalized_block_says_why_the_visitor_sees_it() -> None:
+    app = create_app(local_file=EXPERIENCES_FILE, secret_key=SECRET, latency_budget=BUDGET)
+    with TestClient(app) as client:
+        client.post("/login", data={"customer_id": "alice"})
+        home = client.get("/").text
+        product = client.get("/products/winter-jacket").text
+        landing = client.get("/landing").text
+    notes = why_notes(home)
+    assert notes["home-hero"] == (
+        "Why am I seeing this? Experience Homepage hero banner (home-hero), "
+        "audience Gold members, variation 11."
+    )
+    assert "audience Everyone else" in notes["sidebar-promo"]
+    for html in (home, product):
+        blocks = len(re.findall(r"data-pz-impression=", html))
+        assert blocks == html.count('<details class="why"'), html
+    assert why_notes(product)["product-upsell"].startswith(
+        "Why am I seeing this? Experience Product page upsell (product-upsell), audience All Users"
+    )
+    assert (
+        "The default content: nothing of landing-hero matched you"
+        in why_notes(landing)["landing-hero"]
+    )
+
+
 def test_example_app_against_the_local_moengage_server_over_http_gets_the_same_pages() -> None:
     in_process = tour(
         create_app(local_file=EXPERIENCES_FILE, secret_key=SECRET, latency_budget=BUDGET)

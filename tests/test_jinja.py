@@ -9,6 +9,7 @@ import html
 import inspect
 import re
 import time
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -613,7 +614,11 @@ def test_template_response_signature_is_starlettes() -> None:
     """``TemplateResponse(request, name, context, ...)``: the same parameters, in the same
     order, with the same defaults as ``Jinja2Templates.TemplateResponse``."""
     ours = inspect.signature(PersonalizeTemplates.TemplateResponse).parameters
-    theirs = inspect.signature(Jinja2Templates.TemplateResponse).parameters
+    starlettes = Jinja2Templates.TemplateResponse
+    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(starlettes).parameters.values()):
+        # Starlette before 1.0: (*args, **kwargs), with this signature as its first overload
+        starlettes = typing.get_overloads(starlettes)[0]
+    theirs = inspect.signature(starlettes).parameters
     assert [(p.name, p.kind, p.default) for p in ours.values()] == [
         (p.name, p.kind, p.default) for p in theirs.values()
     ]

@@ -460,26 +460,42 @@ def test_unknown_paths_and_methods_answer_json_errors(server: Server) -> None:
     assert wrong.status_code == 405
 
 
+def report_auth() -> tuple[str, str]:
+    return (WORKSPACE, SECRET)
+
+
 def test_report_is_served_beside_the_api(server: Server) -> None:
     redirect = server.http.get(server.base + "/report")
     assert redirect.status_code in (307, 302)
-    page = server.http.get(server.base + "/report/")
+    page = server.http.get(server.base + "/report/", auth=report_auth())
     assert page.status_code == 200
     assert "Homepage hero banner" in page.text
+
+
+@pytest.mark.parametrize("auth", [None, (WORKSPACE, SECRET + "x"), ("OTHER", SECRET)])
+def test_regression_the_report_asks_for_the_apis_credentials(
+    server: Server, auth: tuple[str, str] | None
+) -> None:
+    """It was served to anyone who could reach the port."""
+    for path in ("/report/", "/report/report.json"):
+        refused = server.http.get(server.base + path, auth=auth)
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"].startswith("Basic ")
+        assert "Homepage hero banner" not in refused.text and SECRET not in refused.text
 
 
 def test_report_counts_events_sent_over_http_on_the_page_and_in_json(server: Server) -> None:
     context = hero_context(server)
     elements = [event_element(context), event_element(context, ACTION_CLICKED, b_id="<Buy>")]
     assert server.call("POST", "/experiences/events", json={"elements": elements}).is_success
-    data = server.http.get(server.base + "/report/report.json")
+    data = server.http.get(server.base + "/report/report.json", auth=report_auth())
     assert data.status_code == 200
     assert data.headers["content-type"] == "application/json"
     hero = next(e for e in data.json()["experiences"] if e["key"] == "hero-banner")
     assert (hero["total"]["impressions"], hero["total"]["clicks"]) == (1, 1)
     assert hero["b_ids"] == [{"label": "<Buy>", "impressions": 1, "clicks": 1, "ctr": 1.0}]
     assert hero["other_b_ids"] is None
-    page = server.http.get(server.base + "/report/")
+    page = server.http.get(server.base + "/report/", auth=report_auth())
     assert "&lt;Buy&gt;" in page.text and "<Buy>" not in page.text
     assert page.headers["content-security-policy"].startswith("default-src 'none'")
 

@@ -472,13 +472,19 @@ def test_bad_configuration_names_the_field() -> None:
         ({"tracking_prefix": "nope"}, "tracking_prefix"),
     ]
     for options, field in cases:
+        # Kept, not raised, by the constructor (Starlette builds middleware lazily, where
+        # raising would not stop the server); start-up raises it.
+        middleware = PersonalizeMiddleware(
+            Starlette(),
+            backend=FakeBackend(),
+            **{"secret_key": SECRET, "tracking": False, **options},
+        )
+        error = middleware.configuration_error
+        assert isinstance(error, ConfigurationError), options
+        assert error.field is not None and error.field.startswith(field), options
         with pytest.raises(ConfigurationError) as info:
-            PersonalizeMiddleware(
-                Starlette(),
-                backend=FakeBackend(),
-                **{"secret_key": SECRET, "tracking": False, **options},
-            )
-        assert info.value.field is not None and info.value.field.startswith(field), options
+            asyncio.run(middleware.startup())
+        assert info.value is error
 
 
 def test_the_app_can_run_its_lifespan_twice_with_an_owned_http_client() -> None:

@@ -143,7 +143,7 @@ async def test_regression_report_with_the_http_client_counts_what_this_process_t
     upstream: FaultyUpstream,
 ) -> None:
     upstream.reset()
-    middleware = _site(upstream, local_report=True)
+    middleware = _site(upstream, report=lambda request: True)
     assert middleware.tracking is not None
     middleware.tracking.limits = TrackingLimits.off()  # the beacon follows its page at once
     await middleware.startup()
@@ -223,15 +223,16 @@ async def test_regression_a_tracking_object_with_its_own_prefix_is_routed() -> N
         await middleware.shutdown()
 
 
-def test_two_different_prefixes_are_a_configuration_error() -> None:
+async def test_two_different_prefixes_are_a_configuration_error() -> None:
     backend = StaticBackend({})
     tracking = Tracking(keyring=Keyring.from_config(SIGNING_KEY), backend=backend, prefix="/t")
+    middleware = PersonalizeMiddleware(
+        Starlette(),
+        backend=backend,
+        secret_key=SIGNING_KEY,
+        tracking=tracking,
+        tracking_prefix="/other",
+    )
     with pytest.raises(ConfigurationError, match="Tracking") as caught:
-        PersonalizeMiddleware(
-            Starlette(),
-            backend=backend,
-            secret_key=SIGNING_KEY,
-            tracking=tracking,
-            tracking_prefix="/other",
-        )
+        await middleware.startup()
     assert caught.value.field == "tracking_prefix"

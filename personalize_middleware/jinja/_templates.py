@@ -163,8 +163,9 @@ class PersonalizeTemplates(Jinja2Templates):
         async, the result is a ``PersonalizedTemplateResponse`` that renders when sent."""
         handle = _request_handle(request)
         if not self.env.is_async and (handle is None or not handle.pending):
+            # ``{}`` rather than None: Starlette before 1.0 calls ``context.setdefault``.
             return super().TemplateResponse(
-                request, name, context, status_code, headers, media_type, background
+                request, name, context or {}, status_code, headers, media_type, background
             )
         context = context or {}
         context.setdefault("request", request)

@@ -5,7 +5,8 @@ included, can be pointed at ``http://host:port/v1``): ``MOE-APPKEY`` and Basic a
 checked (400 for a missing or unknown workspace, 401 for bad credentials), bodies are
 validated like the API validates them, more than 25 keys silently keeps the first 25,
 more than 100 event elements is a 400, and errors carry ``{"title", "description"}``.
-The local report is served at ``/report/``.
+The local report is served at ``/report/``, behind the same Basic credentials as the API
+(a browser asks for them: user = workspace id, password = API secret).
 
 What a client sends is bounded before it is read: the request target and headers together
 (``MAX_HEAD_BYTES``, 414/431) and the body (``MAX_BODY_BYTES``, 413). uvicorn does not
@@ -28,7 +29,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -134,7 +135,8 @@ def create_local_server(
         Route("/v1/experiences/events", events, methods=["POST"]),
     ]
     if report:
-        routes += [Route("/report", to_report), Mount("/report", app=local_report_app(backend))]
+        report_app = _basic_auth(local_report_app(backend), expected_auth)
+        routes += [Route("/report", to_report), Mount("/report", app=report_app)]
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error},
@@ -166,6 +168,22 @@ def _head_refusal(scope: Scope) -> Response | None:
     if target + sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEAD_BYTES:
         return _error(431, "Request Header Fields Too Large", f"Request headers are {limit}")
     return None
+
+
+def _basic_auth(app: ASGIApp, expected: bytes) -> ASGIApp:
+    """``app`` behind HTTP Basic auth (401 with a challenge, so browsers ask)."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not hmac.compare_digest(
+            _basic_credentials(Request(scope)), expected
+        ):
+            challenge = {"www-authenticate": 'Basic realm="personalize-middleware local report"'}
+            response = PlainTextResponse("Authentication required", 401, headers=challenge)
+            await response(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 class _Refused(Exception):

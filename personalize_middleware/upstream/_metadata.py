@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import difflib
 import logging
+import re
 
 from .._exceptions import APIError
 from .._interfaces import PersonalizeBackend
@@ -20,9 +21,28 @@ DEFAULT_METADATA_REFRESH = 300.0
 
 
 def suggest_key(key: str, known: list[str]) -> str | None:
-    """The closest known key to ``key`` ("did you mean ...?"), if any is close."""
+    """The closest known key to ``key`` ("did you mean ...?"), if any is close: a near
+    spelling, else the key sharing most words with it (``home-hero`` -> ``hero-banner``)."""
     matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return matches[0] if matches else None
+    if matches:
+        return matches[0]
+    words = _words(key)
+    scored = [
+        (len(words & _words(k)), difflib.SequenceMatcher(None, key, k).ratio(), k) for k in known
+    ]
+    best = max(scored, default=None)
+    return best[2] if best is not None and best[0] > 0 else None
+
+
+def _words(key: str) -> set[str]:
+    return {word for word in re.split(r"[^a-z0-9]+", key.lower()) if word}
+
+
+def _known_keys(known: list[str], limit: int = 10) -> str:
+    if not known:
+        return "it has no experiences"
+    shown = ", ".join(known[:limit]) + (", ..." if len(known) > limit else "")
+    return f"known keys: {shown}"
 
 
 class MetadataWatcher:
@@ -35,8 +55,10 @@ class MetadataWatcher:
         configured_keys: tuple[str, ...],
         *,
         interval: float = DEFAULT_METADATA_REFRESH,
+        source: str = "the workspace",
     ) -> None:
         self.backend = backend
+        self.source = source  # where the experiences live, for log lines
         self.configured_keys = configured_keys
         self.interval = interval
         self.statuses: dict[str, str] | None = None
@@ -67,9 +89,10 @@ class MetadataWatcher:
             if status is None:
                 hint = suggest_key(key, known)
                 logger.warning(
-                    "personalize: configured experience key %r is unknown to the workspace%s",
+                    "personalize: configured experience key %r is not in %s; %s",
                     key,
-                    f"; did you mean {hint!r}?" if hint else "",
+                    self.source,
+                    f"did you mean {hint!r}?" if hint else _known_keys(known),
                 )
             elif status != "Active":
                 logger.info("personalize: experience %r is %s; defaults render", key, status)
