@@ -19,7 +19,7 @@ from ._exceptions import (
     UpstreamUnavailableError,
 )
 from ._identity import IdentityResolver, default_identity
-from ._interfaces import PersonalizeBackend, SharedLayer
+from ._interfaces import EventOutbox, PersonalizeBackend, SharedLayer
 from ._lifecycle import Lifecycle
 from ._middleware import PersonalizeMiddleware
 from ._models import (
@@ -44,7 +44,16 @@ from .jinja import (
     setup_templates,
 )
 from .local import LocalBackend, create_local_server, load_experiences_file
-from .tracking import BatcherStats, EventBatcher, EventRecorder, Tracking, TrackingStats
+from .tracking import (
+    BatcherStats,
+    EventBatcher,
+    EventRecorder,
+    MemoryOutbox,
+    RedisOutbox,
+    SQLiteOutbox,
+    Tracking,
+    TrackingStats,
+)
 from .upstream import CircuitBreaker, PersonalizeClient
 
 __all__ = [
@@ -58,6 +67,7 @@ __all__ = [
     "EventAction",
     "EventBatcher",
     "EventElement",
+    "EventOutbox",
     "EventRecorder",
     "Experience",
     "ExperienceMetadata",
@@ -69,6 +79,7 @@ __all__ = [
     "Lifecycle",
     "LocalBackend",
     "MalformedResponseError",
+    "MemoryOutbox",
     "Personalization",
     "PersonalizeBackend",
     "PersonalizeClient",
@@ -79,8 +90,10 @@ __all__ = [
     "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
     "RateLimitedError",
+    "RedisOutbox",
     "RedisSharedLayer",
     "RetryPolicy",
+    "SQLiteOutbox",
     "SharedLayer",
     "StoreStats",
     "TemplateExperience",

@@ -7,6 +7,8 @@
     ├── TemplateUsageError          a helper used wrongly at render time (bad b_id, ...)
     ├── InvalidTokenError           a tracking token that is malformed, forged, expired or
     │                               another visitor's (the beacon endpoint answers 403)
+    ├── OutboxUnavailableError      the event outbox could not store events (Redis down,
+    │                               disk full): the beacon endpoint answers 503
     └── APIError                    anything the MoEngage API (or the way to it) did
         ├── AuthenticationError     401: wrong workspace id / secret; never retried
         ├── BadRequestError         400: carries the API's title / description / code
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigurationError",
     "InvalidTokenError",
     "MalformedResponseError",
+    "OutboxUnavailableError",
     "PersonalizeError",
     "RateLimitedError",
     "TemplateUsageError",
@@ -57,6 +60,10 @@ class TemplateUsageError(PersonalizeError, ValueError):
 
 class InvalidTokenError(PersonalizeError, ValueError):
     """A tracking token that is malformed, forged, expired or someone else's."""
+
+
+class OutboxUnavailableError(PersonalizeError):
+    """The event outbox could not store (or read) events: its Redis or file failed."""
 
 
 class APIError(PersonalizeError):

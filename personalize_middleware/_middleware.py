@@ -39,7 +39,7 @@ from .cache import (
     ExperienceStore,
 )
 from .local import ReportSource, local_report_app
-from .tracking import DEFAULT_TOKEN_TTL, Tracking
+from .tracking import DEFAULT_TOKEN_TTL, Tracking, outbox_from_settings
 from .upstream import DEFAULT_METADATA_REFRESH, CircuitBreaker, MetadataWatcher
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
@@ -178,6 +178,8 @@ class PersonalizeMiddleware:
                 impressions=impressions,
                 allowed_origins=tracking_allowed_origins,
                 token_ttl=tracking_token_ttl,
+                # settings.events_outbox: in memory, a SQLite file or Redis (with redis_url)
+                outbox=outbox_from_settings(settings) if settings is not None else None,
             )
         else:
             self.tracking = None

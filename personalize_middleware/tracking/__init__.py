@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from ._batcher import BatcherStats, EventBatcher
 from ._hooks import CLICK_ATTR, DEFAULT_TOKEN_TTL, IMPRESSION_ATTR, Tracking, TrackingStats
+from ._outbox import MemoryOutbox
+from ._outbox_choice import outbox_from_settings
+from ._outbox_redis import RedisOutbox
+from ._outbox_sqlite import SQLiteOutbox
 from ._recorder import EventRecorder
 from ._tokens import (
     MAX_B_ID_LENGTH,
@@ -24,11 +28,15 @@ __all__ = [
     "BatcherStats",
     "EventBatcher",
     "EventRecorder",
+    "MemoryOutbox",
+    "RedisOutbox",
+    "SQLiteOutbox",
     "Tracking",
     "TrackingStats",
     "TrackingToken",
     "decode_token",
     "decode_tokens",
     "encode_token",
+    "outbox_from_settings",
     "validate_b_id",
 ]

@@ -7,7 +7,9 @@ forwarded (400 malformed, 403 forged / expired / another visitor's / cross-site,
 large). Errors of our own are logged and answered 400: this endpoint never answers 500.
 
 Each accepted event goes to an ``EventSink`` (the ``EventRecorder``), which dedupes,
-counts and queues it. Answers are ``starlette.responses.Response`` objects.
+counts and stores it; 204 is answered once the events are stored (in a durable outbox:
+written), 503 when the outbox could not store them. Answers are
+``starlette.responses.Response`` objects.
 """
 
 from __future__ import annotations
@@ -176,9 +178,9 @@ class BeaconEndpoint:
         if tokens is None or identity is None:
             stats.rejected_forbidden += 1
             return _text(403, "forbidden")
-        now = time.time()
-        for token in tokens:
-            self._sink.record(identity, token, now)
+        if not await self._sink.record_all(identity, tokens, time.time()):
+            # Not stored (the outbox's Redis or disk failed): 204 would promise delivery.
+            return _text(503, "service unavailable", {"retry-after": "1"})
         return Response(status_code=204, headers=_NO_STORE)
 
     def _verify(self, texts: list[str], identity: Identity | None) -> list[TrackingToken] | None:
