@@ -97,10 +97,11 @@ class StaticBackend:
 
 @dataclass(frozen=True)
 class Delay:
-    """A plan's answer: wait ``seconds`` (without blocking the server), then answer ``then``."""
+    """A plan's answer: wait ``seconds`` (without blocking the server), then answer ``then``
+    (``None``: accept, as a slow but healthy API does)."""
 
     seconds: float
-    then: Response
+    then: Response | None = None
 
 
 # A plan decides the answer to one events call: None = record and answer 200.
