@@ -19,9 +19,10 @@ one visitor's flood cannot fill it for everyone); age is bounded by the batcher
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .._config import positive_int
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_MAX_DURABLE_QUEUE",
     "DEFAULT_MAX_PER_VISITOR",
     "DEFAULT_MAX_QUEUE",
+    "GroupCommit",
     "MemoryOutbox",
     "action_size",
     "decode_entry",
@@ -166,3 +168,46 @@ class MemoryOutbox:
 
     async def aclose(self) -> None:
         pass
+
+
+Put = tuple[Sequence[tuple[str, EventAction]], float]
+
+
+class GroupCommit:
+    """Coalesces concurrent puts: while one write is under way, the puts that arrive
+    meanwhile wait and go together in the next one (one transaction, one Redis script).
+    ``write(puts)`` returns one ``PutResult`` per put, or raises for all of them."""
+
+    def __init__(self, write: Callable[[list[Put]], Awaitable[list[PutResult]]]) -> None:
+        self._write = write
+        self._waiting: list[tuple[Put, asyncio.Future[PutResult]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def put(self, items: Sequence[tuple[str, EventAction]], now: float) -> PutResult:
+        future: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append(((items, now), future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
+        return await future
+
+    async def wait(self) -> None:
+        """Until the writes under way are done."""
+        if self._writer is not None:
+            await asyncio.wait({self._writer})
+
+    async def _write_all(self) -> None:
+        try:
+            while self._waiting:
+                work, self._waiting = self._waiting, []
+                try:
+                    results = await self._write([put for put, _ in work])
+                except Exception as exc:
+                    for _, future in work:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(work, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._writer = None

@@ -43,6 +43,8 @@ from ..cache.redis import RedisConnection, RedisStats, Unavailable, import_redis
 from ._outbox import (
     DEFAULT_MAX_DURABLE_QUEUE,
     DEFAULT_MAX_PER_VISITOR,
+    GroupCommit,
+    Put,
     decode_entry,
     encode_entry,
 )
@@ -62,7 +64,8 @@ _IDLE_CONSUMER_MS = 3_600_000  # consumers idle this long with nothing pending a
 _COUNTS_TTL_MS = 86_400_000  # the per-visitor counts outlive any entry they count
 
 # KEYS: stream, counts. ARGV: max_len, max_per_visitor, counts ttl (ms), then pairs of
-# (visitor digest, entry). Returns one code per entry (0 stored, 1 full, 2 flood), then XLEN.
+# (visitor digest, entry). Returns {XLEN, "<one digit per entry: 0 stored, 1 full, 2 flood>"}
+# (one string, not an array: the client reads it in one go).
 _PUT_SCRIPT = """
 local len = redis.call('XLEN', KEYS[1])
 local cap, share = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -80,8 +83,7 @@ for i = 4, #ARGV, 2 do
   end
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-out[#out + 1] = len
-return out
+return {len, table.concat(out)}
 """
 
 # KEYS: stream, counts. ARGV: group, then pairs of (entry id, visitor digest). An entry
@@ -96,6 +98,26 @@ for i = 2, #ARGV, 2 do
   end
 end
 return redis.call('XLEN', KEYS[1])
+"""
+
+
+# KEYS: stream. ARGV: group, consumer, count. XREADGROUP of new entries, answered as one
+# string of "<id> <entry>" lines (entries are JSON: no raw newline), then XLEN: one bulk
+# string to read instead of five lines an entry.
+_READ_SCRIPT = """
+local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                       'STREAMS', KEYS[1], '>')
+local out = {}
+if res then
+  for _, message in ipairs(res[1][2]) do
+    local fields, entry = message[2], ''
+    for i = 1, #fields, 2 do
+      if fields[i] == 'e' then entry = fields[i + 1] end
+    end
+    out[#out + 1] = message[1] .. ' ' .. entry
+  end
+end
+return {redis.call('XLEN', KEYS[1]), table.concat(out, string.char(10))}
 """
 
 
@@ -151,6 +173,7 @@ class RedisOutbox:
         self._conn = self._connection()  # fails here if the redis package is missing
         self._refused: type[Exception] = import_redis().ResponseError
         self._renewer: asyncio.Task[None] | None = None
+        self._commits = GroupCommit(self._write)
 
     def __repr__(self) -> str:
         return f"RedisOutbox({mask_url(self.url)!r}, stream={self.stream_key!r})"
@@ -173,6 +196,7 @@ class RedisOutbox:
         self._scripts = {
             "put": client.register_script(_PUT_SCRIPT),
             "ack": client.register_script(_ACK_SCRIPT),
+            "read": client.register_script(_READ_SCRIPT),
         }
 
     async def _run(self, what: str, op: Any) -> Any:
@@ -207,6 +231,7 @@ class RedisOutbox:
         self._renewer = asyncio.create_task(self._renew_leases(), name="personalize-outbox-lease")
 
     async def aclose(self) -> None:
+        await self._commits.wait()
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -225,21 +250,34 @@ class RedisOutbox:
     # -- the protocol ------------------------------------------------------------------------
 
     async def put(self, items: Sequence[tuple[str, EventAction]], now: float) -> PutResult:
+        """Store ``items`` (with the puts that arrive meanwhile: one script call for all)."""
+        return await self._commits.put(items, now)
+
+    async def _write(self, puts: list[Put]) -> list[PutResult]:
         args: list[Any] = [self.max_queue, self.max_per_visitor, _COUNTS_TTL_MS]
-        for customer_id, action in items:
-            args += (visitor_digest(customer_id), encode_entry(customer_id, action, now)[0])
+        for items, now in puts:
+            for customer_id, action in items:
+                args += (visitor_digest(customer_id), encode_entry(customer_id, action, now)[0])
         keys = [self.stream_key, self.counts_key]
-        codes = await self._run("outbox put", lambda c: self._scripts["put"](keys=keys, args=args))
-        self._pending = int(codes[-1])
-        result = PutResult()
-        for code in codes[:-1]:
-            if code == 0:
-                result.stored += 1
-            elif code == 1:
-                result.full += 1
-            else:
-                result.flood += 1
-        return result
+        length, answer = await self._run(
+            "outbox put", lambda c: self._scripts["put"](keys=keys, args=args)
+        )
+        self._pending = int(length)
+        codes = answer.decode() if isinstance(answer, bytes) else str(answer)
+        results = []
+        position = 0
+        for items, _ in puts:
+            result = PutResult()
+            for code in codes[position : position + len(items)]:
+                if code == "0":
+                    result.stored += 1
+                elif code == "1":
+                    result.full += 1
+                else:
+                    result.flood += 1
+            position += len(items)
+            results.append(result)
+        return results
 
     async def take(self, limit: int) -> list[OutboxEntry]:
         raw, length = await self._run("outbox take", lambda c: self._read(c, limit))
@@ -266,22 +304,20 @@ class RedisOutbox:
         found: list[Any] = []
         if time.monotonic() >= self._next_claim:
             found += await self._claim(client, limit)
-        if len(found) < limit:
-            streams = {self.stream_key: ">"}
-            try:
-                answer = await client.xreadgroup(
-                    GROUP, self.consumer, streams, count=limit - len(found)
-                )
-            except self._refused as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._create_group(client)  # the stream was deleted (FLUSHALL)
-                answer = await client.xreadgroup(
-                    GROUP, self.consumer, streams, count=limit - len(found)
-                )
-            for _stream, messages in answer or ():
-                found += messages
-        return found, int(await client.xlen(self.stream_key))
+        if len(found) >= limit:
+            return found, int(await client.xlen(self.stream_key))
+        args = [GROUP, self.consumer, limit - len(found)]
+        try:
+            length, lines = await self._scripts["read"](keys=[self.stream_key], args=args)
+        except self._refused as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._create_group(client)  # the stream was deleted (FLUSHALL)
+            length, lines = await self._scripts["read"](keys=[self.stream_key], args=args)
+        for line in lines.split(b"\n") if lines else ():
+            entry_id, _, entry = line.partition(b" ")
+            found.append((entry_id, {b"e": entry} if entry else None))
+        return found, int(length)
 
     async def _claim(self, client: Any, limit: int) -> list[Any]:
         """Entries idle for ``claim_timeout``: their holder stopped renewing them."""

@@ -37,7 +37,7 @@ from .._config import positive_int, positive_number
 from .._exceptions import ConfigurationError, OutboxUnavailableError
 from .._interfaces import OutboxEntry, PutResult
 from .._models import EventAction
-from ._outbox import DEFAULT_MAX_DURABLE_QUEUE, DEFAULT_MAX_PER_VISITOR
+from ._outbox import DEFAULT_MAX_DURABLE_QUEUE, DEFAULT_MAX_PER_VISITOR, GroupCommit, Put
 
 __all__ = ["DEFAULT_LEASE_TIMEOUT", "SQLiteOutbox"]
 
@@ -67,7 +67,6 @@ CREATE TRIGGER IF NOT EXISTS events_removed AFTER DELETE ON events
 """
 
 _T = TypeVar("_T")
-_Put = tuple[Sequence[tuple[str, EventAction]], float]
 
 
 class SQLiteOutbox:
@@ -104,8 +103,7 @@ class SQLiteOutbox:
         self._pending = 0
         self._con: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._puts: list[tuple[_Put, asyncio.Future[PutResult]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._commits = GroupCommit(self._write)
         self._renewer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -141,9 +139,7 @@ class SQLiteOutbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                await self._writer
+        await self._commits.wait()
         executor, self._executor = self._executor, None
         with contextlib.suppress(sqlite3.Error):
             await asyncio.get_running_loop().run_in_executor(executor, self._close)
@@ -167,28 +163,10 @@ class SQLiteOutbox:
         meanwhile: one transaction for all)."""
         if self._executor is None:
             raise OutboxUnavailableError("the event outbox is not open")
-        future: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
-        self._puts.append(((items, now), future))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_puts())
-        return await future
+        return await self._commits.put(items, now)
 
-    async def _write_puts(self) -> None:
-        try:
-            while self._puts:
-                work, self._puts = self._puts, []
-                try:
-                    results = await self._call("write", self._insert, [put for put, _ in work])
-                except OutboxUnavailableError as exc:
-                    for _, future in work:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, future), result in zip(work, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-        finally:
-            self._writer = None
+    async def _write(self, puts: list[Put]) -> list[PutResult]:
+        return await self._call("write", self._insert, puts)
 
     async def take(self, limit: int) -> list[OutboxEntry]:
         return await self._call("take", self._take, limit)
@@ -234,7 +212,7 @@ class SQLiteOutbox:
             raise sqlite3.OperationalError("not open")
         return self._con
 
-    def _insert(self, puts: list[_Put]) -> list[PutResult]:
+    def _insert(self, puts: list[Put]) -> list[PutResult]:
         con = self._connection()
         results = []
         with _transaction(con):
