@@ -219,12 +219,13 @@ class EventBatcher(Intake, Delivery):
         self._closing = True
         self._wake.set()
         self._stop.set()
+        if self._staged and self._stager is None:  # enqueue()d before a loop ran
+            self._stager = asyncio.create_task(self._write_staged())
         if self._stager is not None:
             await asyncio.wait({self._stager}, timeout=max(timeout, 0) + 0.05)
         task, self._task = self._task, None
-        if task is None and (self.pending or self._staged):
-            await self._open_outbox()
-            task = asyncio.create_task(self._run())
+        if task is None and self._memory is not None and self._memory.pending:
+            task = asyncio.create_task(self._run())  # never started: send what was queued
         inflight: list[OutboxEntry] = []
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=max(timeout, 0) + 0.05)
