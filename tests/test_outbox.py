@@ -22,6 +22,8 @@ import pytest
 from starlette.responses import Response
 
 from personalize_middleware import (
+    Identity,
+    Keyring,
     MemoryOutbox,
     PersonalizeClient,
     PersonalizeSettings,
@@ -34,6 +36,7 @@ from personalize_middleware._models import ACTION_SHOWN, EventAction
 from personalize_middleware.tracking import _delivery
 from personalize_middleware.tracking._batcher import EventBatcher
 from personalize_middleware.tracking._fair import FairBuffer, body_size
+from personalize_middleware.tracking._hooks import TrackingToken, encode_token
 from tests.conftest import require_tool
 from tests.support.batcher_helpers import running_batcher
 from tests.support.http_server import refused_url, run_asgi_server
@@ -51,11 +54,12 @@ from tests.support.tracking_helpers import (
     context_for,
     error,
 )
-from tests.test_tracking_endpoint import KEYRING, beacon, identity_app, make_token
 
 pytestmark = pytest.mark.anyio
 
 FAST = {"flush_interval": 0.05, "backoff_initial": 0.01, "backoff_max": 0.05}
+KEYRING = Keyring(["outbox-test-secret-0123456789"])
+ALICE = Identity(customer_id="alice")
 KINDS = ["memory", "sqlite", "redis"]
 
 MakeOutbox = Callable[..., EventOutbox]
@@ -325,6 +329,31 @@ async def test_enqueue_is_written_to_a_durable_outbox_in_the_background(
 # -- the beacon endpoint -------------------------------------------------------------------
 
 
+def make_token(render_id: str = "render-1") -> str:
+    event = TrackingToken(
+        kind="shown",
+        key="hero",
+        context=context_for("hero"),
+        render_id=render_id,
+        expires=int(time.time() + 600),
+    )
+    return encode_token(KEYRING, ALICE, event)
+
+
+def identity_app(tracking: Tracking) -> Any:
+    """Every request is alice's."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await tracking.handle(scope, receive, send, ALICE)
+
+    return app
+
+
+async def beacon(client: httpx.AsyncClient, tokens: list[str]) -> httpx.Response:
+    headers = {"origin": "http://testserver", "sec-fetch-site": "same-origin"}
+    return await client.post("/_personalize/events", json={"events": tokens}, headers=headers)
+
+
 async def test_a_beacon_is_answered_503_when_the_outbox_cannot_store_it(
     standin: EventsStandIn, client: PersonalizeClient
 ) -> None:
@@ -333,9 +362,7 @@ async def test_a_beacon_is_answered_503_when_the_outbox_cannot_store_it(
         tracking = Tracking(keyring=KEYRING, backend=client, outbox=outbox)
         await tracking.start()
         transport = httpx.ASGITransport(app=identity_app(tracking))
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://testserver", cookies={"uid": "alice"}
-        ) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
             response = await beacon(http, [make_token()])
             assert response.status_code == 503 and response.headers["retry-after"] == "1"
             assert tracking.stats.batcher.dropped_unstored == 1
@@ -350,9 +377,7 @@ async def test_a_beacon_is_answered_only_after_its_events_are_in_the_outbox(
     tracking.batcher.flush_interval = 3600  # nothing is delivered during the test
     await tracking.start()
     transport = httpx.ASGITransport(app=identity_app(tracking))
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://testserver", cookies={"uid": "alice"}
-    ) as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
         tokens = [make_token(render_id=f"r{n}") for n in range(5)]
         assert (await beacon(http, tokens)).status_code == 204
         # Another connection to the file sees them at once: they were committed.

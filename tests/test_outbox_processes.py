@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import require_tool
 from tests.support.faulty_upstream import Fault, FaultyUpstream, wait_until
@@ -136,6 +137,16 @@ def outbox_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[
 
 def worker_env(upstream: FaultyUpstream, env: dict[str, str], **extra: str) -> dict[str, str]:
     return {"PM_OB_BASE_URL": upstream.base_url, **env, **extra}
+
+
+def pending_by_consumer(workspace: str) -> dict[str, int]:
+    """Entries each consumer of the outbox's group holds (read, not acknowledged)."""
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    try:
+        consumers = client.xinfo_consumers(f"pm:v1:{{{workspace}}}:ev", "pm-events")
+        return {c["name"].decode(): int(c["pending"]) for c in consumers}
+    finally:
+        client.close()
 
 
 def accepted_by_customer(upstream: FaultyUpstream) -> Counter[str]:
@@ -271,3 +282,45 @@ async def test_one_bots_flood_with_a_slow_api_costs_real_visitors_nothing(
     assert max(sizes) <= limit  # no call over the limit, so no 413
     assert stats["dropped_rejected"] == stats["dropped_failed"] == 0
     assert stats["dropped_flood"] > 0  # the bot's share was capped, and counted
+
+
+async def test_a_live_process_takes_over_what_a_killed_one_held(upstream: FaultyUpstream) -> None:
+    """Redis: no restart needed. Two workers share the stream; the one that accepted the
+    events is killed; the other claims them (XAUTOCLAIM, after claim_timeout) and delivers
+    each exactly once when the outage ends."""
+    require_tool(redis_available(), f"a Redis server at {REDIS_URL}")
+    workspace = new_workspace()
+    env = worker_env(
+        upstream,
+        {
+            "PM_OB_WORKSPACE": workspace,
+            "PM_OB_REDIS_URL": REDIS_URL,
+            "PM_OB_OUTBOX": "redis",
+            "PM_OB_CLAIM_TIMEOUT": "2",
+        },
+    )
+    upstream.set_fault(Fault.ERROR_503, "events")
+    doomed, survivor = Worker(env), Worker(env)
+    try:
+        await doomed.ready()
+        await survivor.ready()
+        assert sum([await doomed.visit(f"user-{n}") for n in range(50)]) == 500
+        await wait_until(lambda: upstream.calls("events") >= 4, message="retries")
+        # The doomed worker holds entries of the stream (it read them, it retries them).
+        held = await asyncio.to_thread(pending_by_consumer, workspace)
+        doomed_pid = (await doomed.stats())["pid"]
+        assert any(f":{doomed_pid}:" in name and n > 0 for name, n in held.items()), held
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait(10)
+        upstream.set_fault(Fault.OK, "events")
+        await wait_until(
+            lambda: len(upstream.accepted_uuids) >= 500,
+            timeout=30,
+            message="the killed worker's events, delivered by the other",
+        )
+    finally:
+        await doomed.close()
+        await survivor.close()
+        delete_workspace(workspace)
+    accepted = upstream.accepted_uuids
+    assert len(accepted) == 500 and set(accepted.values()) == {1}
