@@ -174,9 +174,14 @@ class EventBatcher(Intake, Delivery):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def _open_outbox(self) -> None:
-        if not self._outbox_open:
+        if self._outbox_open:
+            return
+        self._outbox_open = True  # before awaiting: concurrent callers start it once
+        try:
             await self.outbox.start()
-            self._outbox_open = True
+        except BaseException:
+            self._outbox_open = False
+            raise
 
     async def start(self) -> None:
         """Open the outbox and start the sender task (idempotent; a closed batcher can be
