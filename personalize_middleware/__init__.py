@@ -21,7 +21,7 @@ from ._exceptions import (
     UpstreamUnavailableError,
 )
 from ._identity import IdentityResolver, default_identity
-from ._interfaces import PersonalizeBackend, SharedLayer
+from ._interfaces import EventOutbox, PersonalizeBackend, SharedLayer
 from ._lifecycle import Lifecycle
 from ._middleware import PersonalizeMiddleware
 from ._models import (
@@ -52,6 +52,9 @@ from .tracking import (
     BatcherStats,
     EventBatcher,
     EventRecorder,
+    MemoryOutbox,
+    RedisOutbox,
+    SQLiteOutbox,
     Tracking,
     TrackingLimits,
     TrackingStats,
@@ -74,6 +77,7 @@ __all__ = [
     "EventAction",
     "EventBatcher",
     "EventElement",
+    "EventOutbox",
     "EventRecorder",
     "Experience",
     "ExperienceMetadata",
@@ -86,6 +90,7 @@ __all__ = [
     "Lifecycle",
     "LocalBackend",
     "MalformedResponseError",
+    "MemoryOutbox",
     "Personalization",
     "PersonalizeBackend",
     "PersonalizeClient",
@@ -96,8 +101,10 @@ __all__ = [
     "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
     "RateLimitedError",
+    "RedisOutbox",
     "RedisSharedLayer",
     "RetryPolicy",
+    "SQLiteOutbox",
     "SharedLayer",
     "StoreStats",
     "TemplateExperience",

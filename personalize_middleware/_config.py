@@ -36,6 +36,7 @@ _ENV_API_SECRET = "MOENGAGE_API_SECRET"  # noqa: S105 - the variable's name, not
 _ENV_DATA_CENTER = "MOENGAGE_DATA_CENTER"
 _ENV_BASE_URL = "MOENGAGE_BASE_URL"
 _ENV_REDIS_URL = "MOENGAGE_REDIS_URL"
+_ENV_EVENTS_OUTBOX = "MOENGAGE_EVENTS_OUTBOX"
 #: Every variable ``from_env`` reads: setting any of them means "use MoEngage".
 ENV_VARIABLES: tuple[str, ...] = (
     _ENV_WORKSPACE_ID,
@@ -43,6 +44,7 @@ ENV_VARIABLES: tuple[str, ...] = (
     _ENV_DATA_CENTER,
     _ENV_BASE_URL,
     _ENV_REDIS_URL,
+    _ENV_EVENTS_OUTBOX,
 )
 _MAX_SHOWN = 60
 
@@ -86,6 +88,9 @@ class PersonalizeSettings:
     ``data_center`` picks ``https://sdk-{dc}.moengage.com/v1``; ``base_url`` overrides the
     whole base (tests, proxies, the local stand-in server). Timeouts are in seconds.
     ``redis_url`` turns on the shared Redis cache and workspace-wide rate limit.
+    ``events_outbox`` says where accepted tracking events wait for delivery: ``"memory"``
+    (lost with the process), ``"redis"`` (a stream in ``redis_url``'s Redis) or the path
+    of a SQLite file; unset, ``"redis"`` when ``redis_url`` is set, else ``"memory"``.
     """
 
     workspace_id: str
@@ -96,6 +101,7 @@ class PersonalizeSettings:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     redis_url: str | None = field(default=None, repr=False)
+    events_outbox: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.workspace_id, str) or not _WORKSPACE_ID_RE.match(self.workspace_id):
@@ -128,6 +134,18 @@ class PersonalizeSettings:
             raise ConfigurationError(
                 "redis_url must start with redis://, rediss:// or unix://", field="redis_url"
             )
+        outbox = self.events_outbox
+        if outbox is not None:
+            if not isinstance(outbox, str) or not outbox.strip() or "\x00" in outbox:
+                raise ConfigurationError(
+                    "events_outbox must be 'memory', 'redis' or the path of a SQLite file",
+                    field="events_outbox",
+                )
+            if outbox == "redis" and not self.redis_url:
+                raise ConfigurationError(
+                    "events_outbox='redis' needs redis_url (MOENGAGE_REDIS_URL)",
+                    field="events_outbox",
+                )
 
     @property
     def api_base_url(self) -> str:
@@ -140,7 +158,8 @@ class PersonalizeSettings:
             f"api_secret={mask_secret(self.api_secret)!r}, "
             f"api_base_url={self.api_base_url!r}, "
             f"connect_timeout={self.connect_timeout!r}, read_timeout={self.read_timeout!r}, "
-            f"redis={'on' if self.redis_url else 'off'})"
+            f"redis={'on' if self.redis_url else 'off'}, "
+            f"events_outbox={self.events_outbox!r})"
         )
 
     @classmethod
@@ -148,7 +167,8 @@ class PersonalizeSettings:
         cls, environ: Mapping[str, str] | None = None, **overrides: Any
     ) -> PersonalizeSettings:
         """Read ``MOENGAGE_WORKSPACE_ID``, ``MOENGAGE_API_SECRET``, ``MOENGAGE_DATA_CENTER``,
-        ``MOENGAGE_BASE_URL`` and ``MOENGAGE_REDIS_URL``; keyword overrides win."""
+        ``MOENGAGE_BASE_URL``, ``MOENGAGE_REDIS_URL`` and ``MOENGAGE_EVENTS_OUTBOX``;
+        keyword overrides win."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for env_name, field_name in (
@@ -157,6 +177,7 @@ class PersonalizeSettings:
             (_ENV_DATA_CENTER, "data_center"),
             (_ENV_BASE_URL, "base_url"),
             (_ENV_REDIS_URL, "redis_url"),
+            (_ENV_EVENTS_OUTBOX, "events_outbox"),
         ):
             raw = env.get(env_name, "").strip()
             if raw:

@@ -10,6 +10,8 @@
     ├── InvalidExperienceError      an experience or metadata entry not shaped as the API
     │                               documents (the client reports it as MalformedResponseError)
     ├── ClientClosedError           a call on a PersonalizeClient after aclose()
+    ├── OutboxUnavailableError      the event outbox could not store events (Redis down,
+    │                               disk full): the beacon endpoint answers 503
     └── APIError                    anything the MoEngage API (or the way to it) did
         ├── AuthenticationError     401: wrong workspace id / secret; never retried
         ├── BadRequestError         400: carries the API's title / description / code
@@ -36,6 +38,7 @@ __all__ = [
     "InvalidExperienceError",
     "InvalidTokenError",
     "MalformedResponseError",
+    "OutboxUnavailableError",
     "PersonalizeError",
     "RateLimitedError",
     "TemplateUsageError",
@@ -70,6 +73,10 @@ class InvalidExperienceError(PersonalizeError, ValueError):
 
 class ClientClosedError(PersonalizeError, RuntimeError):
     """The ``PersonalizeClient`` was used after ``aclose()``."""
+
+
+class OutboxUnavailableError(PersonalizeError):
+    """The event outbox could not store (or read) events: its Redis or file failed."""
 
 
 class APIError(PersonalizeError):

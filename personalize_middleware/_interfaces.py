@@ -10,16 +10,20 @@ other:
 ``EventSink``           where verified impressions and clicks go: the beacon endpoint and
                         the server-side impression hook both write to one
 ``TrackedEvent``        what a sink is given (a verified tracking token is one)
+``EventOutbox``         where accepted events wait until MoEngage has them: in memory, in
+                        a local SQLite file or in a Redis stream (``tracking._outbox*``)
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
 
 from ._models import (
     CachedExperience,
+    EventAction,
     EventElement,
     Experience,
     ExperienceMetadata,
@@ -32,11 +36,14 @@ if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
 __all__ = [
+    "EventOutbox",
     "EventSink",
     "FetchFn",
     "IdentityResolver",
+    "OutboxEntry",
     "PageView",
     "PersonalizeBackend",
+    "PutResult",
     "SharedLayer",
     "TrackedEvent",
     "TrackingHooks",
@@ -131,9 +138,72 @@ class TrackedEvent(Protocol):
 
 class EventSink(Protocol):
     """Takes verified events: dedupes them per page view, counts them, queues them for
-    delivery. ``record`` returns ``True`` when the event was queued (new and deliverable)."""
+    delivery. ``record`` returns ``True`` when the event was queued (new and deliverable).
+
+    ``record_all`` takes a beacon's events and returns once they are *stored* (in a
+    durable outbox: written, so an answer 204 means the event survives a crash);
+    ``False`` when the outbox could not store them (the endpoint answers 503)."""
 
     def record(self, identity: Identity, event: TrackedEvent, now: float) -> bool: ...
+
+    async def record_all(
+        self, identity: Identity, events: Sequence[TrackedEvent], now: float
+    ) -> bool: ...
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    """One stored action: ``key`` is the outbox's own id for it (a stream entry id, a row
+    id), ``size`` its JSON size in bytes (``-1``: not measured yet), ``enqueued_at`` the
+    Unix time it was stored (the same clock on every process)."""
+
+    key: str
+    customer_id: str
+    action: EventAction
+    size: int
+    enqueued_at: float
+
+
+@dataclass(slots=True)
+class PutResult:
+    """What ``EventOutbox.put`` did with the actions: ``stored``; refused because the
+    outbox is ``full``; refused because that visitor already has ``max_per_visitor``
+    actions waiting (``flood``)."""
+
+    stored: int = 0
+    full: int = 0
+    flood: int = 0
+
+
+@runtime_checkable
+class EventOutbox(Protocol):
+    """Where accepted events wait until MoEngage has accepted them.
+
+    ``put`` stores (for a durable outbox: the data is written when it returns) or raises
+    ``OutboxUnavailableError``. ``take`` leases up to ``limit`` of the oldest entries
+    nobody holds to this process (a lease held by a process that died is taken over after
+    the outbox's timeout); ``ack`` deletes delivered (or given-up) entries; ``release``
+    hands leased entries back at once (shutdown). ``pending`` is the number of entries
+    stored, as last seen (other processes' included for a shared outbox).
+    """
+
+    @property
+    def durable(self) -> bool: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def put(self, items: Sequence[tuple[str, EventAction]], now: float) -> PutResult: ...
+
+    async def take(self, limit: int) -> list[OutboxEntry]: ...
+
+    async def ack(self, entries: Sequence[OutboxEntry]) -> None: ...
+
+    async def release(self, entries: Sequence[OutboxEntry]) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 class PageView(Protocol):

@@ -47,7 +47,7 @@ from ._routes import RouteKeys
 from ._signing import Keyring
 from .cache import ExperienceStore
 from .local import ReportSource
-from .tracking import Tracking, is_bot
+from .tracking import Tracking, is_bot, outbox_from_settings
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
 
@@ -169,6 +169,8 @@ class PersonalizeMiddleware:
                 impressions=tracking.impressions,
                 allowed_origins=tracking.allowed_origins,
                 token_ttl=tracking.token_ttl,
+                # settings.events_outbox: in memory, a SQLite file or Redis (with redis_url)
+                outbox=outbox_from_settings(settings) if settings is not None else None,
                 **test_tracking,
             )
         else:

@@ -15,6 +15,10 @@ from ._hooks import (
     IMPRESSION_ATTR,
     Tracking,
 )
+from ._outbox import MemoryOutbox
+from ._outbox_choice import outbox_from_settings
+from ._outbox_redis import RedisOutbox
+from ._outbox_sqlite import SQLiteOutbox
 from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     MAX_B_ID_LENGTH,
@@ -34,6 +38,9 @@ __all__ = [
     "BatcherStats",
     "EventBatcher",
     "EventRecorder",
+    "MemoryOutbox",
+    "RedisOutbox",
+    "SQLiteOutbox",
     "Tracking",
     "TrackingLimits",
     "TrackingStats",
@@ -42,5 +49,6 @@ __all__ = [
     "decode_tokens",
     "encode_token",
     "is_bot",
+    "outbox_from_settings",
     "validate_b_id",
 ]

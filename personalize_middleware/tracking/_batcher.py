@@ -1,32 +1,17 @@
-"""``EventBatcher``: queues impressions and clicks and delivers them to the events API.
+"""``EventBatcher``: delivers the actions in an event outbox to the events API.
 
-One background task takes up to ``max_elements`` users' actions at a time (the API's limit
-is 100 elements a call), once ``max_elements`` actions are waiting or ``flush_interval``
-seconds after the first one was queued, and sends them with ``track_events``. Then:
+Accepted actions are stored in an ``EventOutbox`` (``_outbox``: in memory by default, or a
+SQLite file, or a Redis stream shared by every process). One background task leases them
+(``take``), holds them by visitor (``FairBuffer``) and sends calls of at most
+``max_elements`` users and ``max_batch_bytes`` bytes, filled round-robin across visitors,
+once ``max_elements`` actions are waiting or ``flush_interval`` seconds after the oldest
+was stored. An entry leaves the outbox (``ack``) only once MoEngage accepted it, or once
+it is given up (counted and logged); what each answer of the API leads to is in
+``_delivery``. Retries are bounded by age (``max_event_age``), never by a count.
 
-=====================  ===================================================================
-answer                 what happens
-=====================  ===================================================================
-success                counted in ``sent``
-5xx, 429, timeout      retried with the ``RetryPolicy``'s backoff with jitter (at least
-                       the ``Retry-After`` of a 429), the SAME ``moe_event_uuid``s, up
-                       to ``max_retries`` times, then dropped with an error log
-400                    the batch is split in halves until the refused action is alone;
-                       only that one is dropped (with a log line), the rest is delivered.
-                       Splits are budgeted per batch (about 2*log2(n)): when everything
-                       is refused (a wrong MOE-APPKEY answers 400) the rest is dropped
-                       with an error log instead of costing one call per event
-401                    configuration error: logged at ERROR, the batch is KEPT and the
-                       sender pauses ``auth_pause`` seconds before trying again (at most
-                       one call per pause: fixing the secret and restarting loses nothing
-                       that still fits the queue; meanwhile new events fill the bounded
-                       queue and overflow is counted)
-anything else          dropped with an error log (never kills the task)
-=====================  ===================================================================
-
-The queue holds at most ``max_queue`` actions; events beyond are dropped and counted
-(``dropped_overflow``) with a rate-limited warning. ``aclose`` delivers what it can within
-its deadline and counts the rest as ``dropped_shutdown``.
+``aclose`` delivers what it can within its deadline. With a durable outbox what is left
+stays there for the next process (``left_in_outbox``); in memory it is counted as
+``dropped_shutdown``.
 """
 
 from __future__ import annotations
@@ -35,22 +20,24 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
 
-from .._config import positive_number
-from .._exceptions import APIError, AuthenticationError, BadRequestError, ConfigurationError
-from .._interfaces import PersonalizeBackend
+from .._config import positive_int, positive_number
+from .._exceptions import ConfigurationError, OutboxUnavailableError
+from .._interfaces import EventOutbox, OutboxEntry, PersonalizeBackend
 from .._lifecycle import Lifecycle
 from .._logging import RateLimitedLog
-from .._models import EventAction, EventElement
+from .._models import EventAction
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from ._delivery import BatcherStats, Delivery
+from ._fair import FairBuffer
+from ._intake import Intake
+from ._outbox import DEFAULT_MAX_PER_VISITOR, DEFAULT_MAX_QUEUE, MemoryOutbox
 
 __all__ = [
     "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_MAX_BATCH_BYTES",
+    "DEFAULT_MAX_EVENT_AGE",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "BatcherStats",
@@ -59,55 +46,42 @@ __all__ = [
 
 logger = logging.getLogger("personalize_middleware.events")
 
-DEFAULT_MAX_QUEUE = 10_000
 DEFAULT_MAX_ELEMENTS = 100
+#: An events call's body stays under this (the API answers 413 to a body too large).
+DEFAULT_MAX_BATCH_BYTES = 512 * 1024
 DEFAULT_FLUSH_INTERVAL = 1.0
-DEFAULT_MAX_RETRIES = 8
+#: Actions older than this are given up: an outage of the events API shorter than this
+#: loses nothing that fits the outbox.
+DEFAULT_MAX_EVENT_AGE = 3600.0
 DEFAULT_CALL_TIMEOUT = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+_DURABLE_WINDOW = 1_000  # entries a durable outbox leases to the sender at a time
 
 _Pair = tuple[str, EventAction]
 
 
-@dataclass(slots=True)
-class BatcherStats:
-    """Counters in actions (one impression or click each); ``dropped`` is the sum of the
-    ``dropped_*`` reasons."""
+class EventBatcher(Intake, Delivery):
+    """Delivers the actions of an ``EventOutbox`` through ``backend.track_events``.
 
-    queued: int = 0
-    sent: int = 0
-    retried: int = 0
-    calls: int = 0
-    failed_calls: int = 0
-    dropped_overflow: int = 0
-    dropped_rejected: int = 0
-    dropped_failed: int = 0
-    dropped_shutdown: int = 0
-
-    @property
-    def dropped(self) -> int:
-        return (
-            self.dropped_overflow
-            + self.dropped_rejected
-            + self.dropped_failed
-            + self.dropped_shutdown
-        )
-
-
-class EventBatcher:
-    """Batches event actions per user and delivers them through ``backend.track_events``.
-
-    ``enqueue`` is synchronous and never blocks; ``start`` / ``aclose`` run the sender.
+    ``store`` (async) returns once the actions are stored; ``enqueue`` (sync) queues one
+    action (in memory at once; for a durable outbox it is written in the background).
+    ``start`` / ``flush`` / ``aclose`` run the sender. ``outbox`` defaults to a
+    ``MemoryOutbox(max_queue=, max_per_visitor=)``; pass a ``SQLiteOutbox`` or a
+    ``RedisOutbox`` for events that survive the process.
     """
 
     def __init__(
         self,
         backend: PersonalizeBackend,
         *,
+        outbox: EventOutbox | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        max_per_visitor: int = DEFAULT_MAX_PER_VISITOR,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
-        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_event_age: float = DEFAULT_MAX_EVENT_AGE,
+        max_retries: int | None = None,
         policy: RetryPolicy = DEFAULT_RETRY_POLICY,
         backoff_initial: float | None = None,
         backoff_max: float | None = None,
@@ -117,18 +91,26 @@ class EventBatcher:
     ) -> None:
         if not 1 <= max_elements <= 100:
             raise ConfigurationError("max_elements must be 1..100", field="max_elements")
-        if max_queue < 1 or max_retries < 0:
+        if max_queue < 1 or (max_retries is not None and max_retries < 0):
             raise ConfigurationError("max_queue must be >= 1, max_retries >= 0", field="max_queue")
+        positive_int("max_batch_bytes", max_batch_bytes)
         for name, value in (
             ("flush_interval", flush_interval),
+            ("max_event_age", max_event_age),
             ("call_timeout", call_timeout),
             ("shutdown_timeout", shutdown_timeout),
         ):
             positive_number(name, value)
         self.backend = backend
+        if outbox is None:
+            outbox = MemoryOutbox(max_queue=max_queue, max_per_visitor=max_per_visitor)
+        self.outbox: EventOutbox = outbox
+        self._memory = outbox if isinstance(outbox, MemoryOutbox) else None
         self.max_queue = max_queue
         self.max_elements = max_elements
+        self.max_batch_bytes = max_batch_bytes
         self.flush_interval = flush_interval
+        self.max_event_age = max_event_age
         self.max_retries = max_retries
         shortcuts = {
             name: value
@@ -145,9 +127,17 @@ class EventBatcher:
         self.call_timeout = call_timeout
         self.shutdown_timeout = shutdown_timeout
         self.stats = BatcherStats()
-        self._queue: deque[_Pair] = deque()
-        self._first_at = 0.0
-        self._inflight = 0
+        self._buffer = FairBuffer()
+        # A memory outbox hands over everything at once; a durable one a window at a time.
+        self._window = self._memory.max_queue if self._memory is not None else _DURABLE_WINDOW
+        self._refill_below = self._window if self._memory is not None else _DURABLE_WINDOW // 2
+        self._inflight: list[OutboxEntry] = []
+        self._leftover: list[OutboxEntry] = []  # durable: to release at shutdown
+        self._unacked: list[OutboxEntry] = []  # durable: delivered, ack failed; retried
+        self._staged: list[_Pair] = []  # durable: enqueue()d, not written yet
+        self._stager: asyncio.Task[None] | None = None
+        self._stored_since_take = 0
+        self._outbox_open = False
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()
@@ -161,7 +151,7 @@ class EventBatcher:
         self._log = RateLimitedLog(logger)
 
     def __repr__(self) -> str:
-        return f"EventBatcher(pending={self.pending}, stats={self.stats})"
+        return f"EventBatcher(pending={self.pending}, outbox={self.outbox!r}, stats={self.stats})"
 
     @property
     def state(self) -> Lifecycle:
@@ -169,63 +159,62 @@ class EventBatcher:
         return self._state
 
     @property
+    def durable(self) -> bool:
+        """True when stored actions survive this process (SQLite or Redis outbox)."""
+        return self._memory is None and bool(self.outbox.durable)
+
+    @property
     def pending(self) -> int:
-        """Actions queued or being delivered."""
-        return len(self._queue) + self._inflight
-
-    # -- producing ---------------------------------------------------------------------------
-
-    def enqueue(self, customer_id: str, action: EventAction) -> bool:
-        """Queue one action for ``customer_id``; ``False`` when it was dropped (queue
-        full, or the batcher is closed)."""
-        if self._closing or len(self._queue) >= self.max_queue:
-            self.stats.dropped_overflow += 1
-            self._log.warning(
-                "overflow",
-                "personalize: event queue %s (%d actions); event dropped",
-                "closed" if self._closing else "full",
-                len(self._queue),
-            )
-            return False
-        if not self._queue:
-            self._first_at = time.monotonic()
-            self._wake.set()
-        self._queue.append((customer_id, action))
-        self._idle.clear()
-        self.stats.queued += 1
-        if len(self._queue) >= self.max_elements:
-            self._wake.set()
-        return True
+        """Actions stored and not delivered yet (for a shared outbox: every process's, as
+        last seen)."""
+        if self._memory is not None:
+            return self._memory.pending
+        return self.outbox.pending + len(self._staged)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    async def _open_outbox(self) -> None:
+        if self._outbox_open:
+            return
+        self._outbox_open = True  # before awaiting: concurrent callers start it once
+        try:
+            await self.outbox.start()
+        except BaseException:
+            self._outbox_open = False
+            raise
+
     async def start(self) -> None:
-        """Start the sender task (idempotent; a closed batcher can be started again)."""
+        """Open the outbox and start the sender task (idempotent; a closed batcher can be
+        started again)."""
         if self._task is not None:
             return
+        await self._open_outbox()
         # Fresh events, bound to the running loop (a test client may run a new loop for
         # every lifespan).
         self._wake, self._stop, self._idle = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._closing = self._closed = False
         self._deadline = float("inf")
-        if self._queue:
-            self._wake.set()
-        else:
-            self._idle.set()
+        self._wake.set()
         self._task = asyncio.create_task(self._run(), name="personalize-event-batcher")
         self._state = Lifecycle.RUNNING
+        if self._staged and self._stager is None:
+            self._stager = asyncio.create_task(self._write_staged())
 
     async def flush(self) -> None:
-        """Send everything queued now and wait until it is delivered or dropped."""
+        """Send everything stored now and wait until it is delivered or dropped."""
         if self._task is None:
             await self.start()
+        if self._stager is not None:
+            await self._stager
         self._flush_requested = True
+        self._idle.clear()
         self._wake.set()
         await self._idle.wait()
 
     async def aclose(self, timeout: float | None = None) -> None:
-        """Deliver what is queued within ``timeout`` seconds (``shutdown_timeout`` by
-        default), then stop; what is left is counted as ``dropped_shutdown``."""
+        """Deliver what is stored within ``timeout`` seconds (``shutdown_timeout`` by
+        default), then stop. What is left stays in a durable outbox (released at once to
+        the other processes); in memory it is counted as ``dropped_shutdown``."""
         if self._closed:
             return
         self._closed = True
@@ -235,18 +224,33 @@ class EventBatcher:
         self._closing = True
         self._wake.set()
         self._stop.set()
+        if self._staged and self._stager is None:  # enqueue()d before a loop ran
+            self._stager = asyncio.create_task(self._write_staged())
+        if self._stager is not None:
+            await asyncio.wait({self._stager}, timeout=max(timeout, 0) + 0.05)
         task, self._task = self._task, None
-        if task is None and self._queue:
-            task = asyncio.create_task(self._run())
-        cut_short = 0
+        if task is None and self._memory is not None and self._memory.pending:
+            task = asyncio.create_task(self._run())  # never started: send what was queued
+        inflight: list[OutboxEntry] = []
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=max(timeout, 0) + 0.05)
             if not done:
-                cut_short = self._inflight  # the sender's `finally` zeroes it when cancelled
+                inflight = list(self._inflight)  # the sender's batch when it was cut short
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        left = len(self._queue) + max(self._inflight, cut_short)
+        self._inflight = []
+        if self._memory is not None:
+            self._close_memory(timeout)
+        else:
+            await self._close_durable(inflight)
+        self._idle.set()
+        self._state = Lifecycle.CLOSED
+
+    def _close_memory(self, timeout: float) -> None:
+        assert self._memory is not None
+        self._buffer.drain()
+        left = self._memory.clear()
         if left:
             self.stats.dropped_shutdown += left
             logger.error(
@@ -254,160 +258,91 @@ class EventBatcher:
                 left,
                 timeout,
             )
-        self._queue.clear()
-        self._inflight = 0
-        self._idle.set()
-        self._state = Lifecycle.CLOSED
+
+    async def _close_durable(self, inflight: list[OutboxEntry]) -> None:
+        if self._stager is not None:
+            self._stager.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stager
+        if self._staged:
+            self.stats.dropped_shutdown += len(self._staged)
+            logger.error(
+                "personalize: %d tracking events not written before shutdown", len(self._staged)
+            )
+            self._staged = []
+        left = self._leftover + self._buffer.drain() + inflight
+        self._leftover = []
+        with contextlib.suppress(OutboxUnavailableError):
+            if self._unacked:
+                await self.outbox.ack(self._unacked)
+                self._unacked = []
+            if left:
+                await self.outbox.release(left)  # else their lease times out
+        if left:
+            self.stats.left_in_outbox += len(left)
+            logger.warning(
+                "personalize: %d tracking events not delivered before shutdown; they stay in "
+                "the outbox for the next process",
+                len(left),
+            )
+        with contextlib.suppress(OutboxUnavailableError):
+            await self.outbox.aclose()
+        self._outbox_open = False
 
     # -- the sender --------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        buffer = self._buffer
         while True:
-            if not self._queue:
-                self._flush_requested = False
-                self._idle.set()
+            if self._closing and time.monotonic() >= self._deadline:
+                return
+            if self._unacked:
+                unacked, self._unacked = self._unacked, []
+                await self._ack(unacked)
+            if len(buffer) < self._refill_below:
+                await self._refill()
+            if not buffer:
                 if self._closing:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                self._flush_requested = False
+                if self._stager is None and not self._staged:
+                    self._idle.set()
+                await self._sleep(self.flush_interval if self._memory is None else None)
                 continue
-            await self._wait_for_batch()
-            pairs = self._take()
-            self._inflight = len(pairs)
-            try:
-                await self._deliver(pairs)
-            finally:
-                self._inflight = 0
-
-    async def _wait_for_batch(self) -> None:
-        """Until a full batch is waiting, the interval since the first event ran out, or a
-        flush / shutdown asks for everything now."""
-        while len(self._queue) < self.max_elements and not (self._flush_requested or self._closing):
-            remaining = self._first_at + self.flush_interval - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
-
-    def _take(self) -> list[_Pair]:
-        """Oldest actions first, as many as fit in ``max_elements`` distinct users."""
-        users: set[str] = set()
-        pairs: list[_Pair] = []
-        while self._queue:
-            customer_id = self._queue[0][0]
-            if customer_id not in users and len(users) >= self.max_elements:
-                break
-            users.add(customer_id)
-            pairs.append(self._queue.popleft())
-        self._first_at = time.monotonic()
-        return pairs
-
-    async def _deliver(self, pairs: list[_Pair], splits: list[int] | None = None) -> None:
-        """Deliver ``pairs``. ``splits`` is what is left of the batch's budget of 400
-        splits (shared by the halves, so a 400 for everything cannot become a storm)."""
-        if splits is None:
-            splits = [2 * math.ceil(math.log2(len(pairs) + 1)) + 2]
-        attempt = 0
-        while True:
-            try:
-                await self._call(pairs)
-            except BadRequestError as exc:
-                await self._isolate(pairs, exc, splits)
-                return
-            except AuthenticationError:
-                logger.error(
-                    "personalize: the events API refused the credentials (401); %d events "
-                    "kept, next try in %.0fs. Check the workspace id and the Personalize "
-                    "API secret (regenerating it invalidates the old one).",
-                    len(pairs),
-                    self.policy.auth_pause,
-                )
-                if not await self._pause(self.policy.auth_pause):
-                    return self._drop(pairs, "failed", "shutdown during the 401 pause")
+            wait = self._until_ready()
+            if wait > 0:
+                await self._sleep(wait)
                 continue
-            except (APIError, TimeoutError) as exc:
-                retryable = isinstance(exc, TimeoutError) or exc.retryable
-                if not retryable:
-                    return self._drop(pairs, "failed", f"not retryable: {exc}")
-                attempt += 1
-                if attempt > self.max_retries:
-                    return self._drop(pairs, "failed", f"gave up after {attempt} tries: {exc}")
-                self.stats.retried += len(pairs)
-                if not await self._pause(self.policy.backoff(attempt, exc)):
-                    return self._drop(pairs, "shutdown", "shutdown deadline during retries")
-                continue
-            except Exception as exc:
-                logger.exception("personalize: events delivery failed unexpectedly")
-                return self._drop(pairs, "failed", f"unexpected {type(exc).__name__}")
-            self.stats.sent += len(pairs)
-            return
+            batch = buffer.next_batch(self.max_elements, self.max_batch_bytes)
+            self._inflight = batch
+            await self._deliver(batch)
+            self._inflight = []
 
-    async def _call(self, pairs: list[_Pair]) -> None:
-        elements = _group(pairs)
-        self.stats.calls += 1
-        try:
-            async with asyncio.timeout(self.call_timeout):
-                await self.backend.track_events(elements)
-        except BaseException:
-            self.stats.failed_calls += 1
-            raise
-
-    async def _isolate(self, pairs: list[_Pair], exc: BadRequestError, splits: list[int]) -> None:
-        """A 400 names no element: split until the refused action is alone, drop it."""
-        if len(pairs) > 1 and splits[0] <= 0:
-            self.stats.dropped_rejected += len(pairs)
-            logger.error(
-                "personalize: the events API refuses (400) most of a batch: %s; %d events "
-                "dropped without isolating further (check MOE-APPKEY / the workspace id)",
-                exc.description or exc.title or exc,
-                len(pairs),
-            )
-            return
-        if len(pairs) == 1:
-            action = pairs[0][1]
-            logger.warning(
-                "personalize: the events API refused an action (%s %s, experience %r): %s; dropped",
-                action.get("action"),
-                action.get("moe_event_uuid"),
-                str(action.get("attributes", {}).get("experience", ""))[:100],
-                exc.description or exc.title or exc,
-            )
-            self.stats.dropped_rejected += 1
-            return
-        splits[0] -= 1
-        middle = len(pairs) // 2
-        await self._deliver(pairs[:middle], splits)
-        await self._deliver(pairs[middle:], splits)
-
-    async def _pause(self, delay: float) -> bool:
-        """Sleep ``delay`` seconds (cut short by shutdown to what its deadline leaves);
-        ``False`` when the shutdown deadline has passed."""
-        if self._closing:
-            delay = min(delay, self._deadline - time.monotonic())
-            if delay <= 0:
-                return False
-            await asyncio.sleep(delay)
-            return time.monotonic() < self._deadline
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), delay)
-        if self._closing:  # woken by aclose: one more try right away if time allows
-            return time.monotonic() < self._deadline
-        return True
-
-    def _drop(self, pairs: Sequence[_Pair], reason: str, detail: str) -> None:
-        if reason == "shutdown":
-            self.stats.dropped_shutdown += len(pairs)
+    async def _refill(self) -> None:
+        want = self._window - len(self._buffer)
+        if self._memory is not None:
+            entries = self._memory.take_nowait(want)
         else:
-            self.stats.dropped_failed += len(pairs)
-        logger.error("personalize: %d tracking events dropped (%s)", len(pairs), detail)
+            self._stored_since_take = 0
+            try:
+                entries = await self.outbox.take(want)
+            except OutboxUnavailableError as exc:
+                self._log.warning("take", "personalize: event outbox unreadable: %s", exc)
+                return
+        if entries:
+            self._buffer.add(entries)
 
+    def _until_ready(self) -> float:
+        """Seconds until a batch is due: a full batch is waiting, the oldest action has
+        waited ``flush_interval``, or a flush / shutdown asks for everything now."""
+        if self._flush_requested or self._closing or len(self._buffer) >= self.max_elements:
+            return 0.0
+        return max(0.0, self._buffer.oldest() + self.flush_interval - time.time())
 
-def _group(pairs: Sequence[_Pair]) -> list[EventElement]:
-    elements: dict[str, EventElement] = {}
-    for customer_id, action in pairs:
-        element = elements.get(customer_id)
-        if element is None:
-            elements[customer_id] = element = {"customer_id": customer_id, "actions": []}
-        element["actions"].append(action)
-    return list(elements.values())
+    async def _sleep(self, timeout: float | None) -> None:
+        self._wake.clear()
+        if timeout is None:
+            await self._wake.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)

@@ -10,10 +10,11 @@ logged and answered 400: this endpoint never answers 500.
 A verified beacon's events then pass the human checks, one by one (``_guard``): a
 replay is dropped, an event sooner after the page's render than a person could see or
 click is dropped and burnt (remembered as seen), one over a rate is dropped; the rest go
-to the ``EventRecorder``, which counts and queues them. A known crawler's beacon
-(``bots="ignore"``) is not read at all. All of these are still answered 204: the script
-does not care, and an answer that told a script which rule it broke would teach it.
-Answers are ``starlette.responses.Response`` objects.
+to the ``EventRecorder``, which counts and stores them: 204 is answered once they are
+stored (in a durable outbox: written), 503 when the outbox could not store them. A known
+crawler's beacon (``bots="ignore"``) is not read at all. Dropped events are still
+answered 204: an answer that told a script which rule it broke would teach it. Answers
+are ``starlette.responses.Response`` objects.
 """
 
 from __future__ import annotations
@@ -231,18 +232,23 @@ class BeaconEndpoint:
         if client_ip is None:
             client = scope.get("client")
             client_ip = str(client[0]) if client else None
-        self._record(identity, tokens, address_key(client_ip), now)
+        if not await self._record(identity, tokens, address_key(client_ip), now):
+            # Not stored (the outbox's Redis or disk failed): 204 would promise delivery.
+            return _text(503, "service unavailable", {"retry-after": "1"})
         return Response(status_code=204, headers=_NO_STORE)
 
-    def _record(
+    async def _record(
         self, identity: Identity, tokens: list[TrackingToken], address: str | None, now: float
-    ) -> None:
-        """Each verified event through the human checks to the recorder."""
+    ) -> bool:
+        """Each verified event through the human checks to the recorder; ``False`` when
+        the recorder could not store what passed (the outbox failed)."""
         stats, recorder, guard = self._stats, self._recorder, self._guard
         if identity.api_customer_id is None:
             stats.unattributable += len(tokens)
-            return
+            return True
         visitor = _visitor_key(identity)
+        admitted: list[TrackingToken] = []
+        uuids: list[str] = []
         for token in tokens:
             event_uuid = recorder.event_uuid(token)
             if recorder.seen(event_uuid):
@@ -253,7 +259,9 @@ class BeaconEndpoint:
             elif not guard.admit(visitor, address, token, now):
                 stats.rejected_rate += 1
             else:
-                recorder.record(identity, token, now, event_uuid=event_uuid)
+                admitted.append(token)
+                uuids.append(event_uuid)
+        return await recorder.record_all(identity, admitted, now, event_uuids=uuids)
 
     def _verify(
         self, texts: list[str], identity: Identity | None, now: float

@@ -16,18 +16,20 @@ import importlib.resources
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from os import PathLike
 from typing import TYPE_CHECKING, Any, Literal
 
 from markupsafe import Markup, escape
 
 from .._config import positive_number
 from .._exceptions import ConfigurationError
-from .._interfaces import PersonalizeBackend
+from .._interfaces import EventOutbox, PersonalizeBackend
 from .._logging import RateLimitedLog
 from .._models import Experience, Identity
 from .._signing import Keyring
 from ._batcher import (
     DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_EVENT_AGE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_SHUTDOWN_TIMEOUT,
     EventBatcher,
@@ -35,6 +37,7 @@ from ._batcher import (
 from ._bots import is_bot
 from ._endpoint import BeaconEndpoint, EndpointPaths
 from ._guard import EventGuard, TrackingLimits
+from ._outbox_sqlite import SQLiteOutbox
 from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     _DERIVED_KEY,
@@ -89,8 +92,10 @@ class Tracking:
     is rendered (pages without JavaScript) instead of when the element is seen.
     ``allowed_origins`` lists origins (``"https://www.example.com"``) whose beacons are
     accepted besides the request's own Host (needed when a proxy rewrites Host).
-    ``flush_interval``, ``max_queue`` and ``shutdown_timeout`` tune the default batcher;
-    pass ``batcher`` for full control.
+    ``flush_interval``, ``max_queue``, ``max_event_age`` and ``shutdown_timeout`` tune the
+    default batcher; ``outbox`` (or ``outbox_path``, a SQLite file) makes accepted events
+    survive the process (docs/tracking.md, "Durability"); pass ``batcher`` for full
+    control.
 
     Honest numbers: with ``bots="ignore"`` (the default) a known crawler's page view gets
     no tracking attributes and its beacons are ignored (``is_bot``); ``limits`` are the
@@ -120,6 +125,9 @@ class Tracking:
         limits: TrackingLimits | None = None,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         clock: Callable[[], float] = time.time,
+        outbox: EventOutbox | None = None,
+        outbox_path: str | PathLike[str] | None = None,
+        max_event_age: float = DEFAULT_MAX_EVENT_AGE,
     ) -> None:
         if not prefix.startswith("/") or prefix.endswith("/") or '"' in prefix:
             raise ConfigurationError(
@@ -144,10 +152,14 @@ class Tracking:
         self.prefix = prefix
         self.token_ttl = float(token_ttl)
         self.impressions = impressions
+        if outbox is None and outbox_path is not None:
+            outbox = SQLiteOutbox(outbox_path)
         self.batcher = batcher or EventBatcher(
             backend,
+            outbox=outbox,
             flush_interval=flush_interval,
             max_queue=max_queue,
+            max_event_age=max_event_age,
             shutdown_timeout=shutdown_timeout,
         )
         self.stats = TrackingStats(batcher=self.batcher.stats)

@@ -15,6 +15,7 @@ reuse the same uuids.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,9 +72,13 @@ class TrackingStats:
 
 
 class ActionQueue(Protocol):
-    """Where accepted actions are queued for delivery (``EventBatcher`` is one)."""
+    """Where accepted actions are queued for delivery (``EventBatcher`` is one):
+    ``enqueue`` at once, ``store`` returning once they are stored (``False``: the outbox
+    failed)."""
 
     def enqueue(self, customer_id: str, action: EventAction) -> bool: ...
+
+    async def store(self, items: Sequence[tuple[str, EventAction]]) -> bool: ...
 
 
 def build_action(event: TrackedEvent, *, event_uuid: str, now: float) -> EventAction:
@@ -116,29 +121,58 @@ class EventRecorder:
         self.stats = stats
         self._seen: TTLCache[str, bool] = TTLCache(maxsize=replay_cache_size, ttl=replay_window)
 
-    def record(
+    def record(self, identity: Identity, event: TrackedEvent, now: float) -> bool:
+        """Queue one verified event unless this page view already reported it."""
+        admitted = self._admit(identity, event, now)
+        if admitted is None:
+            return False
+        self.stats.accepted += 1
+        return self._queue.enqueue(*admitted)
+
+    async def record_all(
+        self,
+        identity: Identity,
+        events: Sequence[TrackedEvent],
+        now: float,
+        event_uuids: Sequence[str] | None = None,
+    ) -> bool:
+        """Record a beacon's events and return once they are stored: ``False`` when the
+        outbox could not store them (they are then not remembered as seen either).
+        ``event_uuids``: the events' ``event_uuid``, when the caller has them already."""
+        uuids = event_uuids if event_uuids is not None else [None] * len(events)
+        admitted = (self._admit(identity, e, now, u) for e, u in zip(events, uuids, strict=True))
+        items = [a for a in admitted if a is not None]
+        if not items:
+            return True
+        if not await self._queue.store(items):
+            for _, action in items:
+                self._seen.pop(action["moe_event_uuid"], None)
+            return False
+        self.stats.accepted += len(items)
+        return True
+
+    def _admit(
         self,
         identity: Identity,
         event: TrackedEvent,
         now: float,
-        *,
         event_uuid: str | None = None,
-    ) -> bool:
-        """Queue one verified event unless this page view already reported it
-        (``event_uuid``: its ``event_uuid(event)``, when the caller has it already)."""
+    ) -> tuple[str, EventAction] | None:
+        """The (customer id, action) to queue, or ``None`` (a replay, no customer id).
+        Every check an event must pass belongs here: ``record`` and ``record_all`` both
+        go through it."""
         stats = self.stats
         customer_id = identity.api_customer_id
         if customer_id is None:
             stats.unattributable += 1
-            return False
+            return None
         if event_uuid is None:
             event_uuid = self.event_uuid(event)
         if event_uuid in self._seen:
             stats.replays += 1
-            return False
+            return None
         self._seen[event_uuid] = True
-        stats.accepted += 1
-        return self._queue.enqueue(customer_id, build_action(event, event_uuid=event_uuid, now=now))
+        return customer_id, build_action(event, event_uuid=event_uuid, now=now)
 
     def seen(self, event_uuid: str) -> bool:
         """Whether the event with this uuid was recorded (or burnt) already."""

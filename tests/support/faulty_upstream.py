@@ -15,7 +15,10 @@ Per endpoint (``"fetch"``, ``"metadata"``, ``"events"``) the stand-in answers wi
 (headers at once, then the body one byte at a time), ``ERROR_500``, ``ERROR_503``,
 ``RATE_LIMITED`` (429 with ``Retry-After``), ``MALFORMED_JSON`` (a truncated 200),
 ``HTML_ERROR`` (a proxy's 502 page), ``RESET`` (the TCP connection is reset: RST, not a
-clean close), ``UNAUTHORIZED`` (401) and ``BAD_REQUEST`` (400, the API's error fields).
+clean close), ``UNAUTHORIZED`` (401), ``BAD_REQUEST`` (400, the API's error fields) and
+``SLOW`` (answers as ``OK`` after ``slow_delay`` seconds, unless the client left first:
+then nothing is accepted). ``events_body_limit`` makes the events endpoint answer 413 to a
+larger body, as the real API does.
 With ``echo_credentials`` every error answer repeats the request's ``Authorization``
 header and the decoded credentials, as a careless proxy might: nothing may pass them on.
 
@@ -83,6 +86,7 @@ class Fault(StrEnum):
     RESET = "reset"
     UNAUTHORIZED = "401"
     BAD_REQUEST = "400"
+    SLOW = "slow"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Recorded:
     fault: Fault
     client_port: int
     at: float
+    size: int = 0
 
 
 def title_for(who: str | None, key: str) -> str:
@@ -165,6 +170,8 @@ class FaultyUpstream:
         ok_delay: tuple[float, float] = (0.0, 0.0),
         known_keys: tuple[str, ...] = (),
         echo_credentials: bool = False,
+        slow_delay: float = 8.0,
+        events_body_limit: int | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.echo_credentials = echo_credentials
@@ -174,6 +181,8 @@ class FaultyUpstream:
         self.trickle_duration = trickle_duration
         self.ok_delay = ok_delay
         self.known_keys = known_keys
+        self.slow_delay = slow_delay
+        self.events_body_limit = events_body_limit
         self.base_url = ""
         self._lock = threading.Lock()
         self._faults: dict[str, Fault] = dict.fromkeys(ENDPOINTS, Fault.OK)
@@ -349,6 +358,7 @@ class FaultyUpstream:
                     fault=fault,
                     client_port=request.client.port if request.client else 0,
                     at=time.monotonic(),
+                    size=len(raw),
                 )
             )
         return body, fault
@@ -389,6 +399,9 @@ class FaultyUpstream:
 
     async def _events(self, request: Request) -> Response:
         body, fault = await self._record("events", request)
+        limit = self.events_body_limit
+        if limit is not None and len(await request.body()) > limit:
+            return _error(413, "Payload Too Large", f"the body is over {limit} bytes")
 
         def answer() -> dict[str, Any]:
             with self._lock:
@@ -419,6 +432,10 @@ class FaultyUpstream:
             return await self._respond(endpoint, now, request, answer)
         if fault is Fault.TRICKLE:
             return self._trickle(answer)
+        if fault is Fault.SLOW:
+            if not await self._wait_unless_gone(request, self.slow_delay):
+                return Response(status_code=204)  # the client left: nobody reads this
+            return await self._respond(endpoint, Fault.OK, request, answer)
         echo = self._echo(request)
         if fault is Fault.ERROR_500:
             return _error(500, "Internal Server Error", "something went wrong" + echo)
@@ -466,6 +483,15 @@ class FaultyUpstream:
             for task in (released, left):
                 task.cancel()
         return released.done() and not released.cancelled()
+
+    async def _wait_unless_gone(self, request: Request, seconds: float) -> bool:
+        """Wait ``seconds``; False if the client disconnected first."""
+        left = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({left}, timeout=seconds)
+        finally:
+            left.cancel()
+        return not (left.done() and not left.cancelled())
 
     def _trickle(self, answer: Callable[[], dict[str, Any]]) -> Response:
         """Headers now, then a valid JSON body padded with whitespace, one byte per

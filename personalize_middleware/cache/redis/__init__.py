@@ -6,7 +6,7 @@ package itself is imported lazily by ``_connection.import_redis`` (extra ``[redi
 
 from __future__ import annotations
 
-from ._connection import RedisStats
+from ._connection import RedisConnection, RedisStats, Unavailable, import_redis, mask_url
 from ._layer import (
     DEFAULT_LEASE_TTL,
     DEFAULT_MAX_VALUE_BYTES,
@@ -22,6 +22,10 @@ __all__ = [
     "DEFAULT_OP_TIMEOUT",
     "DEFAULT_RATE_LIMIT_PER_MINUTE",
     "DEFAULT_STALL_TOLERANCE",
+    "RedisConnection",
     "RedisSharedLayer",
     "RedisStats",
+    "Unavailable",
+    "import_redis",
+    "mask_url",
 ]

@@ -105,7 +105,8 @@ class RedisConnection:
     """A lazily created ``redis.asyncio`` client behind ``run()``.
 
     ``on_connect(client)`` runs when the client is created (register scripts there);
-    ``on_recovered()`` when a call succeeds after an outage.
+    ``on_recovered()`` when a call succeeds after an outage. ``meanwhile`` says in the log
+    what the user of the connection does during an outage.
     """
 
     def __init__(
@@ -117,6 +118,7 @@ class RedisConnection:
         stall_tolerance: float = DEFAULT_STALL_TOLERANCE,
         on_connect: Callable[[Any], None] = lambda client: None,
         on_recovered: Callable[[], None] = lambda: None,
+        meanwhile: str = "using the in-process cache only",
     ) -> None:
         self._redis = import_redis()  # fail at configuration time, not on a request
         self.url = url
@@ -125,6 +127,7 @@ class RedisConnection:
         self.stall_tolerance = stall_tolerance
         self._on_connect = on_connect
         self._on_recovered = on_recovered
+        self._meanwhile = meanwhile
         self._client: Any = None
         self._errors: tuple[type[BaseException], ...] = (
             self._redis.RedisError,
@@ -204,11 +207,11 @@ class RedisConnection:
         self._retry_at = now + backoff
         self._log.warning(
             "down",
-            "personalize: Redis unavailable during %s (%s: %s); using the in-process cache "
-            "only, retrying in %.2fs",
+            "personalize: Redis unavailable during %s (%s: %s); %s, retrying in %.2fs",
             what,
             type(exc).__name__,
             exc,
+            self._meanwhile,
             backoff,
         )
         return True
