@@ -33,10 +33,9 @@ from personalize_middleware import (
 )
 from personalize_middleware._interfaces import EventOutbox, OutboxEntry
 from personalize_middleware._models import ACTION_SHOWN, EventAction
-from personalize_middleware.tracking import _delivery
+from personalize_middleware.tracking import TrackingToken, _delivery, encode_token
 from personalize_middleware.tracking._batcher import EventBatcher
 from personalize_middleware.tracking._fair import FairBuffer, body_size
-from personalize_middleware.tracking._hooks import TrackingToken, encode_token
 from tests.conftest import require_tool
 from tests.support.batcher_helpers import running_batcher
 from tests.support.http_server import refused_url, run_asgi_server
