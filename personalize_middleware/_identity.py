@@ -21,6 +21,7 @@ __all__ = [
     "IdentityResolver",
     "VisitorCookie",
     "call_resolver",
+    "cookie_value",
     "default_identity",
 ]
 
@@ -111,6 +112,10 @@ def _cookie_value(header: str, name: str) -> str | None:
         if sep and key.strip() == name:
             found = value.strip()
     return found
+
+
+#: Public name for the other cookies the middleware reads (preview and QA grants).
+cookie_value = _cookie_value
 
 
 class VisitorCookie:

@@ -10,14 +10,26 @@ other:
 ``EventSink``           where verified impressions and clicks go: the beacon endpoint and
                         the server-side impression hook both write to one
 ``TrackedEvent``        what a sink is given (a verified tracking token is one)
+``PageTools``           a request's developer tools: the preview it renders, the overlay
+                        and banner, ``Server-Timing`` (``devtools.DevSession``)
+``InspectedPage``       what those tools read of a page view (a ``Personalization``)
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
 
+from ._decisions import Decision
 from ._models import (
     CachedExperience,
     EventElement,
@@ -31,10 +43,14 @@ if TYPE_CHECKING:
     from markupsafe import Markup
     from starlette.requests import HTTPConnection
 
+    from ._grants import PreviewGrant
+
 __all__ = [
     "EventSink",
     "FetchFn",
     "IdentityResolver",
+    "InspectedPage",
+    "PageTools",
     "PageView",
     "PersonalizeBackend",
     "SharedLayer",
@@ -156,3 +172,31 @@ class TrackingHooks(Protocol):
     def click_attrs(self, page: PageView, experience: Experience, b_id: object) -> Markup: ...
 
     def script_tag(self, nonce: str | None = None, *, root_path: str = "") -> Markup: ...
+
+
+class InspectedPage(PageView, Protocol):
+    """What the developer tools read of a page view (a ``Personalization`` is one)."""
+
+    @property
+    def decisions(self) -> Mapping[str, Decision]: ...
+    @property
+    def waited_ms(self) -> float: ...
+    @property
+    def tracking(self) -> TrackingHooks | None: ...
+
+    def experience(self, key: str) -> Experience | None: ...
+
+
+class PageTools(Protocol):
+    """A request's developer tools (``devtools.DevSession``): the preview it renders
+    (``None``: the visitor's own experiences), the markup ``personalize_script()`` adds
+    (preview banner, debug overlay), the headers added on ``http.response.start``."""
+
+    @property
+    def preview(self) -> PreviewGrant | None: ...
+
+    def page_markup(
+        self, page: InspectedPage, nonce: str | None = None, *, root_path: str = ""
+    ) -> Markup: ...
+
+    def decorate(self, message: MutableMapping[str, Any], page: InspectedPage) -> None: ...

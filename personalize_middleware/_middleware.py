@@ -1,4 +1,8 @@
-"""``PersonalizeMiddleware``: the pure ASGI middleware that personalizes every page."""
+"""``PersonalizeMiddleware``: the pure ASGI middleware that personalizes every page.
+
+Longer than ~400 lines because the constructor is where every public option is validated
+and wired to its feature, next to the request path those options shape.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from os import PathLike
-from typing import Literal
+from typing import Any, Literal
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,8 +42,9 @@ from .cache import (
     DEFAULT_STALE_WHILE_REVALIDATE,
     ExperienceStore,
 )
+from .devtools import DevTools
 from .local import ReportSource, local_report_app
-from .tracking import DEFAULT_TOKEN_TTL, Tracking
+from .tracking import DEFAULT_TOKEN_TTL, Tracking, experience_token_part
 from .upstream import DEFAULT_METADATA_REFRESH, CircuitBreaker, MetadataWatcher
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
@@ -62,6 +67,11 @@ class PersonalizeMiddleware:
 
     Add it *before* ``SessionMiddleware`` / ``AuthenticationMiddleware`` so they wrap it and
     the session and user are known when the identity is resolved.
+
+    Developer tools (``docs/preview.md``): ``preview=True`` honours signed preview links
+    (``personalize-middleware preview``); ``qa_cookies`` signed QA cookies (the overlay and
+    ``Server-Timing`` for that browser); ``debug_overlay`` the overlay on every page
+    (``None``: in local mode); ``server_timing`` the header on every personalized page.
     """
 
     def __init__(
@@ -98,6 +108,10 @@ class PersonalizeMiddleware:
         shared: SharedLayer | None = None,
         breaker: CircuitBreaker | None = None,
         exclude_paths: Sequence[str] = (),
+        preview: bool = False,
+        qa_cookies: bool = True,
+        debug_overlay: bool | None = None,
+        server_timing: bool = False,
     ) -> None:
         self.app = app
         positive_number("latency_budget", latency_budget)
@@ -183,6 +197,17 @@ class PersonalizeMiddleware:
             self.tracking = None
         self.tracking_prefix = tracking_prefix
         self._own_prefix = tracking_prefix + "/"
+        devtools = DevTools(
+            keyring=self.keyring,
+            prefix=tracking_prefix,
+            preview=preview,
+            qa_cookies=qa_cookies,
+            overlay=self.local_mode if debug_overlay is None else debug_overlay,
+            server_timing=server_timing,
+            experience_part=experience_token_part,
+        )
+        #: ``None`` when every developer tool is off (requests then never look for them).
+        self.devtools: DevTools | None = devtools if devtools.enabled else None
         self.metadata = (
             MetadataWatcher(backend, self.routes.configured_keys, interval=metadata_refresh)
             if metadata_refresh
@@ -293,19 +318,33 @@ class PersonalizeMiddleware:
             return
         keys = () if scope["method"] in _NO_FETCH_METHODS else self.routes.keys_for(path)
         visitor = _VisitorState()
+        tools = None
+        if self.devtools is not None:  # read the Cookie header once, for both
+            visitor.cookie_header = _cookie_header(scope)
+            tools = self.devtools.session(scope, visitor.cookie_header)
 
         async def identity_factory() -> Identity:
             return await self._resolve_identity(scope, visitor)
 
+        attributes = self.attributes.build(scope)
+        preview = tools.preview if tools is not None else None
+        if preview is not None:
+            # The grant's customer or audience, not the visitor (never resolved: no visitor
+            # cookie, nothing cached for the visitor), and no hooks: nothing reaches MoEngage.
+            attributes, identity_factory = preview.apply(attributes), preview.resolve
         handle = Personalization(
             store=self.store,
             keys=keys,
-            attributes=self.attributes.build(scope),
+            attributes=attributes,
             budget=self.latency_budget,
             identity_factory=identity_factory,
-            tracking=self.tracking,
+            tracking=self.tracking if preview is None else None,
             active_keys=self.metadata.active if self.metadata is not None else None,
+            key_status=self.metadata.status if self.metadata is not None else None,
+            devtools=tools,
         )
+        if preview is not None:
+            handle.used = True  # private, no-store, Vary: Cookie, whatever the page reads
         state = scope.get("state")
         if state is None:
             scope["state"] = state = {}
@@ -324,7 +363,12 @@ class PersonalizeMiddleware:
             current_personalization.reset(token)
 
     async def _own_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The tracking endpoint, the script and (in local mode) the report."""
+        """The tracking endpoint, the script, the developer tools' endpoints and (in local
+        mode) the report."""
+        if self.devtools is not None and await self.devtools.intercept(
+            scope, receive, send, _cookie_header(scope)
+        ):
+            return  # its own endpoints, or a previewing browser's beacon (dropped)
         report = self.report_path
         if report is not None and (
             scope["path"] == report or scope["path"].startswith(report + "/")
@@ -351,7 +395,10 @@ class PersonalizeMiddleware:
         identity = await call_resolver(self.identify, conn)
         if identity is not None:
             return identity
-        visitor_id, resign = self.visitor_cookie.read(_cookie_header(scope))
+        header = visitor.cookie_header
+        if header is _UNREAD:
+            header = _cookie_header(scope)
+        visitor_id, resign = self.visitor_cookie.read(header)
         if visitor_id is None:
             visitor_id = self.visitor_cookie.new_id()
             resign = issue
@@ -370,14 +417,21 @@ class PersonalizeMiddleware:
                 visitor.visitor_id, secure=scope.get("scheme") == "https"
             )
         make_private(message, used=handle.used, set_cookie=cookie)
+        if handle.devtools is not None and handle.used:
+            handle.devtools.decorate(message, handle)  # Server-Timing
+
+
+_UNREAD: Any = object()
 
 
 class _VisitorState:
-    __slots__ = ("set_cookie", "visitor_id")
+    __slots__ = ("cookie_header", "set_cookie", "visitor_id")
 
     def __init__(self) -> None:
         self.set_cookie = False
         self.visitor_id: str | None = None
+        #: The Cookie header, once read (by the developer tools' check), else _UNREAD.
+        self.cookie_header: str | None = _UNREAD
 
 
 def _cookie_header(scope: Scope) -> str | None:

@@ -13,6 +13,7 @@ from ._tokens import (
     decode_token,
     decode_tokens,
     encode_token,
+    experience_token_part,
     validate_b_id,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "decode_token",
     "decode_tokens",
     "encode_token",
+    "experience_token_part",
     "validate_b_id",
 ]
