@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._config import PersonalizeSettings
+from ._decisions import Decision
 from ._dependencies import get_personalization, require_experiences
 from ._exceptions import (
     APIError,
@@ -18,6 +19,7 @@ from ._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from ._grants import PreviewGrant, preview_link, qa_link
 from ._identity import IdentityResolver, default_identity
 from ._interfaces import PersonalizeBackend, SharedLayer
 from ._lifecycle import Lifecycle
@@ -56,6 +58,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigurationError",
+    "Decision",
     "EventAction",
     "EventBatcher",
     "EventElement",
@@ -79,6 +82,7 @@ __all__ = [
     "PersonalizeSettings",
     "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
+    "PreviewGrant",
     "RateLimitedError",
     "RedisSharedLayer",
     "RetryPolicy",
@@ -95,6 +99,8 @@ __all__ = [
     "default_identity",
     "get_personalization",
     "load_experiences_file",
+    "preview_link",
+    "qa_link",
     "require_experiences",
     "set_allowed_url_hosts",
     "setup_jinja",
