@@ -56,6 +56,12 @@ class Clock:
         return self.now
 
 
+def why(handle: Personalization, key: str) -> Decision:
+    found = handle.why(key)
+    assert found is not None, key
+    return found
+
+
 async def ask(
     store: ExperienceStore,
     keys: tuple[str, ...],
@@ -87,9 +93,9 @@ async def test_network_then_cache_with_its_age_then_stale_while_revalidating() -
     clock = Clock()
     store = ExperienceStore(FakeBackend(), ttl=60, stale_while_revalidate=300, clock=clock)
     first = await ask(store, ("hero",))
-    why = first.why("hero")
-    assert why is not None and why.source == "network" and why.reason is None
-    assert why.fetch_ms is not None and why.fetch_ms >= 0
+    decision = why(first, "hero")
+    assert decision.source == "network" and decision.reason is None
+    assert decision.fetch_ms is not None and decision.fetch_ms >= 0
 
     clock.now += 12
     second = await ask(store, ("hero",))
@@ -100,7 +106,7 @@ async def test_network_then_cache_with_its_age_then_stale_while_revalidating() -
     third = await ask(store, ("hero",))
     assert third.why("hero") == Decision("stale", "revalidating", 72.0, None)
     assert third.experience("hero") is not None
-    assert first.why("hero") == why  # one request's story does not change with the next
+    assert first.why("hero") == decision  # one request's story does not change with the next
     await store.aclose()
 
 
@@ -134,8 +140,8 @@ async def test_interned_experience_is_shared_but_each_request_keeps_its_own_why(
     assert bob.experience("hero") is alice.experience("hero")  # interned: one object
     assert alice.why("hero") == Decision("cache", None, 40.0, None)
     assert bob.why("hero") == Decision("cache", None, 10.0, None)
-    assert alice_first.why("hero").source == "network"  # type: ignore[union-attr]
-    assert bob_first.why("hero").source == "network"  # type: ignore[union-attr]
+    assert why(alice_first, "hero").source == "network"
+    assert why(bob_first, "hero").source == "network"
     experience = bob.experience("hero")
     assert experience is not None and not hasattr(experience, "why")
     await store.aclose()
@@ -145,8 +151,7 @@ async def test_interned_experience_is_shared_but_each_request_keeps_its_own_why(
 async def test_the_local_engine_is_the_source_in_local_mode() -> None:
     store = ExperienceStore(LocalBackend(EXAMPLE_FILE))
     handle = await ask(store, ("home-hero",))
-    why = handle.why("home-hero")
-    assert why is not None and why.source == "local"
+    assert why(handle, "home-hero").source == "local"
     assert handle.experience("home-hero") is not None
     await store.aclose()
 
@@ -185,7 +190,7 @@ async def test_a_key_still_in_flight_within_the_budget_is_pending() -> None:
     assert handle.why("hero") == Decision("pending")
     backend.gate.set()
     await handle.wait()
-    assert handle.why("hero").source == "network"  # type: ignore[union-attr]
+    assert why(handle, "hero").source == "network"
     await store.aclose()
 
 
@@ -200,7 +205,7 @@ async def test_shed_when_too_many_fetches_are_in_flight() -> None:
     shed = await ask(store, ("hero",), "bob")
     assert shed.why("hero") == Decision("default", "shed")
     backend.gate.set()
-    assert (await first).why("hero").source == "network"  # type: ignore[union-attr]
+    assert why(await first, "hero").source == "network"
     await store.aclose()
 
 
@@ -216,7 +221,7 @@ async def test_metadata_filter_says_not_active_or_unknown_key() -> None:
     )
     assert handle.why("paused") == Decision("default", "not_active")
     assert handle.why("typo") == Decision("default", "unknown_key")
-    assert handle.why("hero").source == "network"  # type: ignore[union-attr]
+    assert why(handle, "hero").source == "network"
     await store.aclose()
 
 
@@ -252,15 +257,15 @@ async def test_upstream_failures_name_their_reason(upstream: FaultyUpstream) -> 
         upstream.set_fault(Fault.ERROR_500, "fetch")
         alice = await ask(store, ("hero",), "alice")
         assert alice.why("hero") == Decision(
-            "stale", "upstream_error", 100.0, alice.why("hero").fetch_ms
-        )  # type: ignore[union-attr]
+            "stale", "upstream_error", 100.0, why(alice, "hero").fetch_ms
+        )
         assert alice.experience("hero") is not None
         upstream.set_fault(Fault.RATE_LIMITED, "fetch")
         bob = await ask(store, ("hero",), "bob")
-        assert (bob.why("hero").source, bob.why("hero").reason) == ("default", "rate_limited")  # type: ignore[union-attr]
+        assert (why(bob, "hero").source, why(bob, "hero").reason) == ("default", "rate_limited")
         calls = upstream.calls("fetch")
         carol = await ask(store, ("hero",), "carol")  # two failures: the breaker is open
-        assert carol.why("hero").reason == "breaker_open"  # type: ignore[union-attr]
+        assert why(carol, "hero").reason == "breaker_open"
         assert upstream.calls("fetch") == calls  # no call was made
     await store.aclose()
 
@@ -283,9 +288,9 @@ async def test_an_answer_from_the_shared_cache_says_shared(upstream: FaultyUpstr
             await store.start()
         first = await ask(a, ("hero",), "dana")
         second = await ask(b, ("hero",), "dana")
-        assert first.why("hero").source == "network"  # type: ignore[union-attr]
-        shared = second.why("hero")
-        assert shared == Decision("shared", None, 0.0, shared.fetch_ms)  # type: ignore[union-attr]
+        assert why(first, "hero").source == "network"
+        shared = why(second, "hero")
+        assert shared == Decision("shared", None, 0.0, shared.fetch_ms)
         assert upstream.calls("fetch") == 1
     finally:
         for store in (a, b):
