@@ -194,6 +194,8 @@ class PageTools(Protocol):
 
     @property
     def preview(self) -> PreviewGrant | None: ...
+    @property
+    def script_hashes(self) -> tuple[str, ...]: ...
 
     def page_markup(
         self, page: InspectedPage, nonce: str | None = None, *, root_path: str = ""

@@ -260,6 +260,14 @@ class Personalization:
         experiences are those of the preview's customer or audience."""
         return self.devtools.preview if self.devtools is not None else None
 
+    @property
+    def script_hashes(self) -> tuple[str, ...]:
+        """``sha256-...`` of each script ``personalize_script()`` adds to this page (the
+        tracking script, the debug overlay's), for a CSP ``script-src``."""
+        found = getattr(self.tracking, "script_hash", None)
+        hashes = (found,) if isinstance(found, str) else ()
+        return hashes + self.devtools.script_hashes if self.devtools is not None else hashes
+
     async def get(self, key: str) -> Experience | None:
         """The experience for ``key``, fetching it now if the route did not ask for it
         (within the budget; ``None`` means render the default)."""
