@@ -243,9 +243,10 @@ class Personalization:
 
     @property
     def decisions(self) -> dict[str, Decision]:
-        """``why`` for every key this request asked for, in the order they were asked."""
+        """``why`` for every key this request asked for: the route's first, in its order,
+        then the ones asked for later."""
         self._collect()
-        keys = dict.fromkeys([*self._resolved, *self._futures])
+        keys = dict.fromkeys([*self.keys, *self._resolved, *self._futures])
         return {key: decision for key in keys if (decision := self.why(key)) is not None}
 
     @property

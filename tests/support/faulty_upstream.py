@@ -165,6 +165,7 @@ class FaultyUpstream:
         ok_delay: tuple[float, float] = (0.0, 0.0),
         known_keys: tuple[str, ...] = (),
         echo_credentials: bool = False,
+        key_statuses: dict[str, str] | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.echo_credentials = echo_credentials
@@ -174,6 +175,8 @@ class FaultyUpstream:
         self.trickle_duration = trickle_duration
         self.ok_delay = ok_delay
         self.known_keys = known_keys
+        #: Metadata statuses other than "Active", by key (a Paused one, say).
+        self.key_statuses = dict(key_statuses or {})
         self.base_url = ""
         self._lock = threading.Lock()
         self._faults: dict[str, Fault] = dict.fromkeys(ENDPOINTS, Fault.OK)
@@ -380,7 +383,11 @@ class FaultyUpstream:
 
         def answer() -> dict[str, Any]:
             entries = [
-                {"experience_name": key.title(), "experience_key": key, "status": "Active"}
+                {
+                    "experience_name": key.title(),
+                    "experience_key": key,
+                    "status": self.key_statuses.get(key, "Active"),
+                }
                 for key in self.known_keys
             ]
             return {"metadata": {"count": len(entries), "experiences": entries}}
