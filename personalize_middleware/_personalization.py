@@ -250,6 +250,26 @@ class Personalization:
         return {key: decision for key in keys if (decision := self.why(key)) is not None}
 
     @property
+    def sources(self) -> str:
+        """Where this request's answers came from, each source once, in order, a default or
+        stale one with its reason: ``cache+default:timeout`` (the ``Server-Timing``
+        description; cheaper than ``decisions``: no ``Decision`` is made)."""
+        self._collect()
+        seen: dict[str, None] = {}
+        for found in self._why.values():
+            if type(found) is CachedExperience:
+                seen["cache" if found.experience is not None else "default:no_match"] = None
+            else:
+                assert isinstance(found, Decision)
+                reason = found.reason
+                seen[found.source if reason in (None, PREVIEW) else f"{found.source}:{reason}"] = (
+                    None
+                )
+        if self._futures:
+            seen["default:timeout" if time.monotonic() >= self._deadline else PENDING] = None
+        return "+".join(seen)
+
+    @property
     def waited_ms(self) -> float:
         """How long this request waited for experiences (ms): what personalization cost
         the page beyond the work that overlapped the handler."""

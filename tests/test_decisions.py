@@ -167,6 +167,7 @@ async def test_budget_expiry_is_a_timeout_default_or_stale_content_with_its_age(
     alice = await ask(store, ("hero", "new-key"), "alice", budget=0.05)
     assert alice.why("hero") == Decision("stale", "timeout", 100.0, None)
     assert alice.why("new-key") == Decision("default", "timeout")
+    assert alice.sources == "stale:timeout+default:timeout"  # the Server-Timing description
     bob = await ask(store, ("hero",), "bob", budget=0.05)
     assert bob.why("hero") == Decision("default", "timeout")
     assert bob.experience("hero") is None

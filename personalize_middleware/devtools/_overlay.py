@@ -128,13 +128,7 @@ def _banner(session: PageState, root_path: str) -> str:
 def server_timing(page: InspectedPage) -> bytes:
     """``personalize;dur=<ms waited>;desc="<sources>"``: sources in the order first
     seen, a default or stale answer with its reason (``cache+default:timeout``)."""
-    seen: dict[str, None] = {}
-    for decision in page.decisions.values():
-        label = decision.source
-        if decision.reason is not None and decision.reason != "preview":
-            label += ":" + decision.reason
-        seen[label] = None
-    desc = "+".join(seen) or "none"
+    desc = page.sources or "none"
     if len(desc) > _MAX_DESC:
         desc = desc[: _MAX_DESC - 3] + "..."
     # Sources and reasons are our own [a-z_:+] words: nothing to quote inside the string.
