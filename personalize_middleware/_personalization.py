@@ -234,7 +234,7 @@ class Personalization:
                 if key not in self._futures:
                     return None
                 return _TIMED_OUT if time.monotonic() >= self._deadline else _PENDING
-        if type(found) is CachedExperience:
+        if isinstance(found, CachedExperience):
             found = decision_from_entry(found, CACHE, None, self._store.clock())
         assert isinstance(found, Decision)
         if found.reason is None and self.devtools is not None and self.devtools.preview:
@@ -257,7 +257,7 @@ class Personalization:
         self._collect()
         seen: dict[str, None] = {}
         for found in self._why.values():
-            if type(found) is CachedExperience:
+            if isinstance(found, CachedExperience):
                 seen["cache" if found.experience is not None else "default:no_match"] = None
             else:
                 assert isinstance(found, Decision)
