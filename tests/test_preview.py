@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote_from_bytes, urlsplit
 
 import httpx
 import jinja2
@@ -554,3 +554,21 @@ def test_cli_mistakes_are_one_line(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@given(
+    path=st.sampled_from(["/preview", "/preview/exit", "/qa", "/qa/exit"]),
+    query=st.binary(max_size=300),
+)
+@settings(
+    max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None
+)
+def test_any_query_gets_a_redirect_on_the_site_never_an_error(
+    site: tuple[TestClient, PersonalizeMiddleware], path: str, query: bytes
+) -> None:
+    client, _ = site
+    # Any bytes, percent-encoded where a URL cannot carry them raw (the server decodes).
+    raw = quote_from_bytes(query, safe="=&;/?:@,+$!*'()~")
+    answer = client.get(f"/_personalize{path}?{raw}", follow_redirects=False)
+    assert answer.status_code == 303
+    assert safe_next(answer.headers["location"], "") == answer.headers["location"]
