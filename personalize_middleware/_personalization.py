@@ -262,9 +262,8 @@ class Personalization:
             else:
                 assert isinstance(found, Decision)
                 reason = found.reason
-                seen[found.source if reason in (None, PREVIEW) else f"{found.source}:{reason}"] = (
-                    None
-                )
+                label = found.source if reason in (None, PREVIEW) else f"{found.source}:{reason}"
+                seen[label] = None
         if self._futures:
             seen["default:timeout" if time.monotonic() >= self._deadline else PENDING] = None
         return "+".join(seen)

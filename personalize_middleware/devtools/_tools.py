@@ -13,6 +13,7 @@ request gets its own ``DevSession``.
     GET {prefix}/qa?token=...&next=/path         the same for the QA cookie
     GET {prefix}/qa/exit?next=/path
     GET {prefix}/devtools.<hash>.js | .css       the overlay's script and stylesheet
+    POST {prefix}/... from a previewing browser  204, dropped: a preview reports nothing
 
 A forged, tampered or expired token (or preview links while ``preview`` is off) sets
 nothing and redirects all the same: the browser sees the normal page, never an error.
