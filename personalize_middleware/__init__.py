@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._config import PersonalizeSettings
+from ._decisions import Decision
 from ._dependencies import get_personalization, require_experiences
 from ._exceptions import (
     APIError,
@@ -20,6 +21,7 @@ from ._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from ._grants import PreviewGrant, preview_link, qa_link
 from ._identity import IdentityResolver, default_identity
 from ._interfaces import EventOutbox, PersonalizeBackend, SharedLayer
 from ._lifecycle import Lifecycle
@@ -74,6 +76,7 @@ __all__ = [
     "ClientClosedError",
     "ConfigurationError",
     "CookieOptions",
+    "Decision",
     "EventAction",
     "EventBatcher",
     "EventElement",
@@ -100,6 +103,7 @@ __all__ = [
     "PersonalizeSettings",
     "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
+    "PreviewGrant",
     "RateLimitedError",
     "RedisOutbox",
     "RedisSharedLayer",
@@ -121,6 +125,8 @@ __all__ = [
     "get_personalization",
     "is_bot",
     "load_experiences_file",
+    "preview_link",
+    "qa_link",
     "require_experiences",
     "set_allowed_url_hosts",
     "setup_jinja",

@@ -134,6 +134,9 @@ class ResponseGate:
             secure = self._cookie.secure_for(self._scope)
             cookie = self._cookie.set_cookie_header(visitor.visitor_id, secure=secure)
         make_private(message, set_cookie=cookie)
+        tools = self._handle.devtools
+        if tools is not None and self._handle.used:
+            tools.decorate(message, self._handle)  # Server-Timing
 
 
 def make_private(message: Message, *, set_cookie: bytes | None = None) -> None:

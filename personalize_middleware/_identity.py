@@ -24,6 +24,7 @@ __all__ = [
     "VisitorCookie",
     "VisitorState",
     "call_resolver",
+    "cookie_value",
     "default_identity",
 ]
 
@@ -114,6 +115,10 @@ def _cookie_value(header: str, name: str) -> str | None:
         if sep and key.strip() == name:
             found = value.strip()
     return found
+
+
+#: Public name for the other cookies the middleware reads (preview and QA grants).
+cookie_value = _cookie_value
 
 
 class VisitorCookie:
@@ -208,8 +213,14 @@ class VisitorState:
     """One request's visitor: the id resolved from (or issued for) the visitor cookie,
     and whether the response must set the cookie."""
 
-    __slots__ = ("set_cookie", "visitor_id")
+    __slots__ = ("cookie_header", "set_cookie", "visitor_id")
 
     def __init__(self) -> None:
         self.set_cookie = False
         self.visitor_id: str | None = None
+        #: The Cookie header, once read (by the developer tools' check), else ``UNREAD``.
+        self.cookie_header: str | None = UNREAD
+
+
+#: ``VisitorState.cookie_header`` before anything read the header.
+UNREAD: Any = object()

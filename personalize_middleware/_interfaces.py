@@ -12,15 +12,27 @@ other:
 ``TrackedEvent``        what a sink is given (a verified tracking token is one)
 ``EventOutbox``         where accepted events wait until MoEngage has them: in memory, in
                         a local SQLite file or in a Redis stream (``tracking._outbox*``)
+``PageTools``           a request's developer tools: the preview it renders, the overlay
+                        and banner, ``Server-Timing`` (``devtools.DevSession``)
+``InspectedPage``       what those tools read of a page view (a ``Personalization``)
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
 
+from ._decisions import Decision
 from ._models import (
     CachedExperience,
     EventAction,
@@ -35,12 +47,16 @@ if TYPE_CHECKING:
     from markupsafe import Markup
     from starlette.requests import HTTPConnection
 
+    from ._grants import PreviewGrant
+
 __all__ = [
     "EventOutbox",
     "EventSink",
     "FetchFn",
     "IdentityResolver",
+    "InspectedPage",
     "OutboxEntry",
+    "PageTools",
     "PageView",
     "PersonalizeBackend",
     "PutResult",
@@ -228,3 +244,35 @@ class TrackingHooks(Protocol):
     def click_attrs(self, page: PageView, experience: Experience, b_id: object) -> Markup: ...
 
     def script_tag(self, nonce: str | None = None, *, root_path: str = "") -> Markup: ...
+
+
+class InspectedPage(PageView, Protocol):
+    """What the developer tools read of a page view (a ``Personalization`` is one)."""
+
+    @property
+    def decisions(self) -> Mapping[str, Decision]: ...
+    @property
+    def sources(self) -> str: ...
+    @property
+    def waited_ms(self) -> float: ...
+    @property
+    def tracking(self) -> TrackingHooks | None: ...
+
+    def experience(self, key: str) -> Experience | None: ...
+
+
+class PageTools(Protocol):
+    """A request's developer tools (``devtools.DevSession``): the preview it renders
+    (``None``: the visitor's own experiences), the markup ``personalize_script()`` adds
+    (preview banner, debug overlay), the headers added on ``http.response.start``."""
+
+    @property
+    def preview(self) -> PreviewGrant | None: ...
+    @property
+    def script_hashes(self) -> tuple[str, ...]: ...
+
+    def page_markup(
+        self, page: InspectedPage, nonce: str | None = None, *, root_path: str = ""
+    ) -> Markup: ...
+
+    def decorate(self, message: MutableMapping[str, Any], page: InspectedPage) -> None: ...

@@ -1,4 +1,8 @@
-"""``PersonalizeMiddleware``: the pure ASGI middleware that personalizes every page."""
+"""``PersonalizeMiddleware``: the pure ASGI middleware that personalizes every page.
+
+Longer than ~400 lines because the constructor is where every public option is wired to
+its feature, next to the request path those options shape.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from ._context import SessionAttributes
 from ._exceptions import ConfigurationError
 from ._headers import ResponseGate
 from ._identity import (
+    UNREAD,
     IdentityResolver,
     VisitorCookie,
     VisitorState,
@@ -46,8 +51,9 @@ from ._resolve import resolve_options
 from ._routes import RouteKeys
 from ._signing import Keyring
 from .cache import ExperienceStore
+from .devtools import DevTools
 from .local import ReportSource
-from .tracking import Tracking, is_bot, outbox_from_settings
+from .tracking import Tracking, experience_token_part, is_bot, outbox_from_settings
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
 
@@ -177,6 +183,17 @@ class PersonalizeMiddleware:
             self.tracking = None
         self.tracking_prefix: str = tracking.prefix
         self._own_prefix = self.tracking_prefix + "/"
+        devtools = DevTools(
+            keyring=self.keyring,
+            prefix=self.tracking_prefix,
+            preview=options.preview,
+            qa_cookies=options.qa_cookies,
+            overlay=self.local_mode if options.debug_overlay is None else options.debug_overlay,
+            server_timing=options.server_timing,
+            experience_part=experience_token_part,
+        )
+        #: ``None`` when every developer tool is off (requests then never look for them).
+        self.devtools: DevTools | None = devtools if devtools.enabled else None
         self.metadata = metadata_watcher(
             backend, self.routes.configured_keys, options.metadata_refresh, self.local_source
         )
@@ -324,21 +341,34 @@ class PersonalizeMiddleware:
         if not fetch:
             keys = ()
         visitor = VisitorState()
+        tools = None
+        if self.devtools is not None:  # read the Cookie header once, for both
+            visitor.cookie_header = _header(scope, b"cookie")
+            tools = self.devtools.session(scope, visitor.cookie_header)
 
         async def identity_factory() -> Identity:
             return await self._resolve_identity(scope, visitor)
 
+        preview = tools.preview if tools is not None else None
+        if preview is not None:
+            # The grant's customer or audience, not the visitor (never resolved: no visitor
+            # cookie, nothing cached for the visitor), and no hooks: nothing reaches MoEngage.
+            attributes, identity_factory = preview.apply(attributes), preview.resolve
         handle = Personalization(
             store=self.store,
             keys=keys,
             attributes=attributes,
             budget=self.latency_budget,
             identity_factory=identity_factory,
-            tracking=self.tracking,
+            tracking=self.tracking if preview is None else None,
             active_keys=self.metadata.active if self.metadata is not None else None,
+            key_status=self.metadata.status if self.metadata is not None else None,
+            devtools=tools,
             user_agent=user_agent,
             fetch=fetch,
         )
+        if preview is not None:
+            handle.used = True  # private, no-store, Vary: Cookie, whatever the page reads
         state = scope.get("state")
         if state is None:
             scope["state"] = state = {}
@@ -355,7 +385,12 @@ class PersonalizeMiddleware:
             await gate.finish()
 
     async def _own_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The tracking endpoint, the script and (in local mode) the report."""
+        """The tracking endpoint, the script, the developer tools' endpoints and (in local
+        mode) the report."""
+        if self.devtools is not None and await self.devtools.intercept(
+            scope, receive, send, _header(scope, b"cookie")
+        ):
+            return  # its own endpoints, or a previewing browser's beacon (dropped)
         report = self.report_path
         if report is not None and (
             scope["path"] == report or scope["path"].startswith(report + "/")
@@ -383,7 +418,10 @@ class PersonalizeMiddleware:
         identity = await call_resolver(self.identify, conn)
         if identity is not None:
             return identity
-        visitor_id, resign = self.visitor_cookie.read(_header(scope, b"cookie"))
+        header = visitor.cookie_header
+        if header is UNREAD:
+            header = _header(scope, b"cookie")
+        visitor_id, resign = self.visitor_cookie.read(header)
         if visitor_id is None:
             visitor_id = self.visitor_cookie.new_id()
             resign = issue

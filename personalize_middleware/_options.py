@@ -164,6 +164,10 @@ class MiddlewareOptions(TypedDict, total=False):
     shared: SharedLayer | None
     breaker: CircuitBreaker | None
     crawlers: Literal["personalize", "defaults"]
+    preview: bool
+    qa_cookies: bool
+    debug_overlay: bool | None
+    server_timing: bool
     # The flat names of earlier releases (LEGACY_OPTIONS):
     cache_ttl: float
     stale_while_revalidate: float
@@ -229,3 +233,9 @@ class ResolvedOptions:
     breaker: CircuitBreaker | None
     #: ``"defaults"``: known crawlers get the defaults without an upstream call.
     crawlers: Literal["personalize", "defaults"] = "personalize"
+    #: Developer tools (docs/preview.md): signed preview links, QA cookies, the overlay
+    #: (``None``: in local mode), Server-Timing on every personalized response.
+    preview: bool = False
+    qa_cookies: bool = True
+    debug_overlay: bool | None = None
+    server_timing: bool = False

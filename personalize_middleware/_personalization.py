@@ -9,10 +9,25 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from ._interfaces import TrackingHooks
-from ._models import Experience, FetchQuery, Identity
+from ._decisions import (
+    CACHE,
+    DEFAULT,
+    NETWORK,
+    NO_MATCH,
+    NOT_ACTIVE,
+    PENDING,
+    PREVIEW,
+    STALE,
+    TIMEOUT,
+    UNKNOWN_KEY,
+    Decision,
+    decision_from_entry,
+)
+from ._interfaces import PageTools, TrackingHooks
+from ._models import CachedExperience, Experience, FetchQuery, Identity
 
 if TYPE_CHECKING:
+    from ._grants import PreviewGrant
     from .cache import ExperienceStore
 
 __all__ = ["Personalization", "current_personalization"]
@@ -22,6 +37,10 @@ current_personalization: ContextVar[Personalization | None] = ContextVar(
 )
 
 _MISSING: Any = object()
+_NOT_ACTIVE = Decision(DEFAULT, NOT_ACTIVE)
+_UNKNOWN_KEY = Decision(DEFAULT, UNKNOWN_KEY)
+_TIMED_OUT = Decision(DEFAULT, TIMEOUT)
+_PENDING = Decision(PENDING)
 
 
 class Personalization:
@@ -31,6 +50,7 @@ class Personalization:
     ``scope["state"]["personalize"]`` (``request.state.personalize``). The route's keys are
     already being fetched when the handler runs; reading them is synchronous
     (``experience``, ``value``) or waits at most the latency budget (``get``, ``wait``).
+    ``why(key)`` tells where each answer came from and why (``Decision``).
     """
 
     __slots__ = (
@@ -40,12 +60,16 @@ class Personalization:
         "_futures",
         "_identity",
         "_identity_factory",
+        "_key_status",
         "_query",
         "_render_id",
         "_resolved",
         "_store",
+        "_waited",
+        "_why",
         "attributes",
         "budget",
+        "devtools",
         "keys",
         "tracking",
         "tracking_state",
@@ -65,6 +89,8 @@ class Personalization:
         active_keys: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
         user_agent: str | None = None,
         fetch: bool = True,
+        key_status: Callable[[str], str | None] | None = None,
+        devtools: PageTools | None = None,
     ) -> None:
         self._store = store
         self.keys = keys
@@ -78,6 +104,12 @@ class Personalization:
         self._deadline = time.monotonic() + budget
         self._render_id: str | None = None
         self._active_keys = active_keys
+        self._key_status = key_status
+        # Per key: the Decision, or the fresh L1 entry it is made from when asked for.
+        self._why: dict[str, Decision | CachedExperience] = {}
+        self._waited = 0.0
+        #: The request's developer tools (preview, overlay, Server-Timing), else ``None``.
+        self.devtools = devtools
         #: Per-page-view parts the tracking hooks compute once (theirs; opaque here).
         self.tracking_state: Any = None
         self.tracking = tracking
@@ -121,11 +153,13 @@ class Personalization:
             for key in wanted:
                 if key not in live:
                     self._resolved[key] = None  # not Active in the workspace: default
+                    status = self._key_status(key) if self._key_status is not None else ""
+                    self._why[key] = _UNKNOWN_KEY if status is None else _NOT_ACTIVE
             wanted = [k for k in wanted if k in live]
             if not wanted:
                 return
         query = await self._query_for_identity()
-        found, missing = self._store.lookup(query, wanted)
+        found, missing = self._store.lookup(query, wanted, self._why)
         self._resolved.update(found)
         if missing:
             self._futures.update(self._store.start_fetch(query, missing))
@@ -156,7 +190,10 @@ class Personalization:
         if self._futures:
             for key, future in list(self._futures.items()):
                 if future.done():
-                    self._resolved[key] = future.result()
+                    self._resolved[key] = result = future.result()
+                    self._why[key] = getattr(future, "decision", None) or (
+                        Decision(NETWORK) if result is not None else Decision(DEFAULT, NO_MATCH)
+                    )
                     del self._futures[key]
 
     def experience(self, key: str) -> Experience | None:
@@ -186,16 +223,88 @@ class Personalization:
         self._collect()
         if not self._futures:
             return
-        remaining = self._deadline - time.monotonic()
+        started = time.monotonic()
+        remaining = self._deadline - started
         if remaining > 0:
             await asyncio.wait(list(self._futures.values()), timeout=remaining)
+            self._waited += time.monotonic() - started
         self._collect()
         if self._futures and self._query is not None:
             # Budget spent and the upstream still silent: serve what stale-if-error holds
             # rather than the defaults (the fetch goes on and fills the cache).
-            for key, experience in self._store.stale(self._query, list(self._futures)).items():
-                self._resolved[key] = experience
+            now = self._store.clock()
+            stale = self._store.stale_entries(self._query, list(self._futures))
+            for key, entry in stale.items():
+                self._resolved[key] = entry.experience
+                self._why[key] = decision_from_entry(entry, STALE, TIMEOUT, now)
                 del self._futures[key]
+
+    # -- why -------------------------------------------------------------------------------
+
+    def why(self, key: str) -> Decision | None:
+        """Where this request's answer for ``key`` came from and why (see ``Decision``);
+        ``None`` for a key this request never asked for."""
+        found = self._why.get(key)
+        if found is None:
+            self._collect()
+            found = self._why.get(key)
+            if found is None:
+                if key not in self._futures:
+                    return None
+                return _TIMED_OUT if time.monotonic() >= self._deadline else _PENDING
+        if isinstance(found, CachedExperience):
+            found = decision_from_entry(found, CACHE, None, self._store.clock())
+        assert isinstance(found, Decision)
+        if found.reason is None and self.devtools is not None and self.devtools.preview:
+            return Decision(found.source, PREVIEW, found.age, found.fetch_ms)
+        return found
+
+    @property
+    def decisions(self) -> dict[str, Decision]:
+        """``why`` for every key this request asked for: the route's first, in its order,
+        then the ones asked for later."""
+        self._collect()
+        keys = dict.fromkeys([*self.keys, *self._resolved, *self._futures])
+        return {key: decision for key in keys if (decision := self.why(key)) is not None}
+
+    @property
+    def sources(self) -> str:
+        """Where this request's answers came from, each source once, in order, a default or
+        stale one with its reason: ``cache+default:timeout`` (the ``Server-Timing``
+        description; cheaper than ``decisions``: no ``Decision`` is made)."""
+        self._collect()
+        seen: dict[str, None] = {}
+        for found in self._why.values():
+            if isinstance(found, CachedExperience):
+                seen["cache" if found.experience is not None else "default:no_match"] = None
+            else:
+                assert isinstance(found, Decision)
+                reason = found.reason
+                label = found.source if reason in (None, PREVIEW) else f"{found.source}:{reason}"
+                seen[label] = None
+        if self._futures:
+            seen["default:timeout" if time.monotonic() >= self._deadline else PENDING] = None
+        return "+".join(seen)
+
+    @property
+    def waited_ms(self) -> float:
+        """How long this request waited for experiences (ms): what personalization cost
+        the page beyond the work that overlapped the handler."""
+        return self._waited * 1000
+
+    @property
+    def preview(self) -> PreviewGrant | None:
+        """The preview this request renders (a signed preview link), else ``None``: the
+        experiences are those of the preview's customer or audience."""
+        return self.devtools.preview if self.devtools is not None else None
+
+    @property
+    def script_hashes(self) -> tuple[str, ...]:
+        """``sha256-...`` of each script ``personalize_script()`` adds to this page (the
+        tracking script, the debug overlay's), for a CSP ``script-src``."""
+        found = getattr(self.tracking, "script_hash", None)
+        hashes = (found,) if isinstance(found, str) else ()
+        return hashes + self.devtools.script_hashes if self.devtools is not None else hashes
 
     async def get(self, key: str) -> Experience | None:
         """The experience for ``key``, fetching it now if the route did not ask for it

@@ -100,7 +100,17 @@ def resolve_options(options: Mapping[str, Any]) -> ResolvedOptions:
         shared=_shared(get("shared")),
         breaker=_instance("breaker", get("breaker"), CircuitBreaker, "a CircuitBreaker"),
         crawlers=_crawlers(get("crawlers", "personalize")),
+        preview=_flag("preview", get("preview", False)),
+        qa_cookies=_flag("qa_cookies", get("qa_cookies", True)),
+        debug_overlay=_flag("debug_overlay", get("debug_overlay"), optional=True),
+        server_timing=_flag("server_timing", get("server_timing", False)),
     )
+
+
+def _flag(name: str, value: Any, *, optional: bool = False) -> Any:
+    if isinstance(value, bool) or (optional and value is None):
+        return value
+    raise invalid_option(name, value, "True or False" + (" (or None)" if optional else ""))
 
 
 def _crawlers(value: Any) -> Literal["personalize", "defaults"]:

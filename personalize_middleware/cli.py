@@ -7,6 +7,8 @@
     fetch         show what one user gets for some experience keys
     check         compare an app's configured keys with the workspace's experiences;
                   --templates DIR: find payload values where escaping cannot help
+    preview       a signed link: see the site as a customer or an audience would
+    qa-cookie     a signed link and cookie: the debug overlay and Server-Timing
 
 ``experiences``, ``fetch`` and ``check`` talk to the real API when
 ``MOENGAGE_WORKSPACE_ID`` and ``MOENGAGE_API_SECRET`` are set (``MOENGAGE_BASE_URL`` and
@@ -39,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ._cli_devtools import add_commands as add_devtools_commands
 from ._config import PersonalizeSettings
 from ._exceptions import PersonalizeError
 from ._interfaces import PersonalizeBackend
@@ -160,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
         "action/style/on* without the url reader (any warning: exit status 1)",
     )
     check.set_defaults(handler=_check, usage=check.format_usage)
+    add_devtools_commands(commands)  # preview, qa-cookie
     return parser
 
 

@@ -11,7 +11,12 @@ behind it as L2 and coordinates processes. Entries are
 
 Keys with no match are cached as ``None``. Concurrent misses for the same
 (identity, context, key) share one upstream call: each in-flight key has one future,
-resolved (never failed) with the experience, ``None`` or the stale fallback.
+resolved (never failed) with the experience, ``None`` or the stale fallback, and
+carrying the ``Decision`` behind it (``_decisions.DecidedFuture``: network, shared,
+stale with the failure's reason, ...); ``lookup`` reports its hits the same way.
+
+Longer than ~400 lines because reading, fetching, falling back and interning share one
+L1 structure and its invariants (ages, retention, single-flight): they read best together.
 """
 
 from __future__ import annotations
@@ -27,6 +32,18 @@ from typing import Any
 
 from cachetools import LRUCache, TTLCache
 
+from .._decisions import (
+    NETWORK,
+    REVALIDATING,
+    SHARED,
+    SHED,
+    STALE,
+    DecidedFuture,
+    Decision,
+    decision_from_entry,
+    reason_for_error,
+    settle,
+)
 from .._exceptions import APIError, CircuitOpenError, PersonalizeError
 from .._interfaces import PersonalizeBackend, SharedLayer
 from .._logging import RateLimitedLog
@@ -111,14 +128,23 @@ class ExperienceStore:
         self._inflight: dict[tuple[str, Any, str], asyncio.Future[Experience | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = RateLimitedLog(logger)
+        # What a fresh fetch's decisions name as their source (the local engine: "local").
+        self._fetch_source: str = getattr(backend, "decision_source", NETWORK)
 
     # -- reading -------------------------------------------------------------------------
 
     def lookup(
-        self, query: FetchQuery, keys: Iterable[str]
+        self,
+        query: FetchQuery,
+        keys: Iterable[str],
+        decisions: dict[str, Decision | CachedExperience] | None = None,
     ) -> tuple[dict[str, Experience | None], list[str]]:
         """What L1 can answer now (fresh, or stale with a refresh started) and the keys
-        that need a fetch. Synchronous: the cache-hit path never yields."""
+        that need a fetch. Synchronous: the cache-hit path never yields.
+
+        ``decisions`` (optional) gets, per answered key, the ``Decision`` (stale hits) or
+        the fresh entry itself, made a ``Decision`` only when someone asks
+        (``Personalization.why``): the hit path allocates nothing for it."""
         found: dict[str, Experience | None] = {}
         missing: list[str] = []
         refresh: list[str] = []
@@ -136,9 +162,13 @@ class ExperienceStore:
             age = now - entry.fetched_at
             if age < self.ttl:
                 found[key] = entry.experience
+                if decisions is not None:
+                    decisions[key] = entry
             elif age < self.swr_until:
                 found[key] = entry.experience
                 refresh.append(key)
+                if decisions is not None:
+                    decisions[key] = decision_from_entry(entry, STALE, REVALIDATING, now)
             else:
                 missing.append(key)
         stats = self.stats
@@ -172,7 +202,9 @@ class ExperienceStore:
             futures.update(self._shed(query, to_fetch))
         elif to_fetch:
             loop = asyncio.get_running_loop()
-            mine = {key: loop.create_future() for key in to_fetch}
+            mine: dict[str, asyncio.Future[Experience | None]] = {
+                key: DecidedFuture(loop=loop) for key in to_fetch
+            }
             for key, future in mine.items():
                 self._inflight[(ident, ctx, key)] = future
             futures.update(mine)
@@ -194,12 +226,11 @@ class ExperienceStore:
         )
         stale = self._stale_entries(query, keys)
         loop = asyncio.get_running_loop()
+        now = self.clock()
         futures: dict[str, asyncio.Future[Experience | None]] = {}
         for key in keys:
-            future: asyncio.Future[Experience | None] = loop.create_future()
-            entry = stale.get(key)
-            future.set_result(entry.experience if entry is not None else None)
-            futures[key] = future
+            future = futures[key] = DecidedFuture(loop=loop)
+            settle(future, stale.get(key), source=STALE, reason=SHED, now=now)
         return futures
 
     async def get(
@@ -222,19 +253,34 @@ class ExperienceStore:
     ) -> None:
         keys = list(futures)
         entries: dict[str, CachedExperience] = {}
+        served_by_l2: set[str] = set()
+        reason: str | None = None
+        started = time.perf_counter()
         try:
-            entries = await self._load(query, keys)
+            entries = await self._load(query, keys, served_by_l2)
         except (PersonalizeError, Exception) as exc:  # never let a fetch error escape
             entries = self._fallback(query, keys, exc)
+            reason = reason_for_error(exc)
         finally:
             # Also on cancellation (shutdown): waiters get the defaults, never hang.
+            fetch_ms = (time.perf_counter() - started) * 1000
+            now = self.clock()
             for key, future in futures.items():
                 self._inflight.pop((query.identity_key, query.context_key, key), None)
-                if not future.done():
-                    entry = entries.get(key)
-                    future.set_result(entry.experience if entry is not None else None)
+                from_l2 = key in served_by_l2
+                source = STALE if reason else SHARED if from_l2 else self._fetch_source
+                settle(
+                    future,
+                    entries.get(key),
+                    source=source,
+                    reason=reason,
+                    now=now,
+                    fetch_ms=fetch_ms,
+                )
 
-    async def _load(self, query: FetchQuery, keys: list[str]) -> dict[str, CachedExperience]:
+    async def _load(
+        self, query: FetchQuery, keys: list[str], served_by_l2: set[str] | None = None
+    ) -> dict[str, CachedExperience]:
         result: dict[str, CachedExperience] = {}
         remaining = keys
         if self.shared is not None:
@@ -243,6 +289,8 @@ class ExperienceStore:
             if from_l2:
                 self._remember(query, from_l2)  # stale ones still serve as fallback
             result = {k: e for k, e in from_l2.items() if now - e.fetched_at < self.ttl}
+            if served_by_l2 is not None:
+                served_by_l2.update(result)
             remaining = [k for k in keys if k not in result]
             if not remaining:
                 return result
@@ -305,6 +353,10 @@ class ExperienceStore:
         out while the upstream is still silent: a hang is an error the page cannot wait
         to see, and stale content beats the defaults."""
         return {k: e.experience for k, e in self._stale_entries(query, keys).items()}
+
+    def stale_entries(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, CachedExperience]:
+        """``stale`` with each entry's ``fetched_at`` (for the ``Decision``'s age)."""
+        return self._stale_entries(query, keys)
 
     def _stale_entries(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, CachedExperience]:
         contexts = self._l1.get(query.identity_key)

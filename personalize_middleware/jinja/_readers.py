@@ -14,6 +14,9 @@ or ``action`` the value IS the URL, and ``javascript:alert(1)`` escapes to itsel
 ``url`` lets through only ``http(s)://`` URLs on an allowed host and paths on this site
 (``/...``), checked character by character the way a browser reads them (see
 ``checked_url``); anything else renders the template's default.
+
+Longer than ~400 lines because the readers and the URL checks they apply are one unit:
+what a template can read and how each value is made safe, side by side.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from jinja2.runtime import Context, Undefined
 from markupsafe import Markup
 from starlette.requests import Request
 
+from .._decisions import Decision
 from .._exceptions import ConfigurationError, TemplateUsageError
 from .._models import Experience
 from .._personalization import Personalization, current_personalization
@@ -85,15 +89,22 @@ class TemplateExperience:
     variables (a missing one is undefined), and typed readers take a default.
 
     ``allowed_url_hosts``: the hosts ``url`` lets absolute URLs point to (the tag and
-    ``personalize_experience`` pass the environment's, see ``set_allowed_url_hosts``)."""
+    ``personalize_experience`` pass the environment's, see ``set_allowed_url_hosts``).
+    ``page``: the request's ``Personalization``, which ``why`` asks (the experience itself
+    is shared between users and cannot say how this request got it)."""
 
-    __slots__ = ("allowed_url_hosts", "experience")
+    __slots__ = ("allowed_url_hosts", "experience", "page")
 
     def __init__(
-        self, experience: Experience, *, allowed_url_hosts: Iterable[str] = NO_URL_HOSTS
+        self,
+        experience: Experience,
+        *,
+        allowed_url_hosts: Iterable[str] = NO_URL_HOSTS,
+        page: Personalization | None = None,
     ) -> None:
         self.experience = experience
         self.allowed_url_hosts = url_hosts(allowed_url_hosts)
+        self.page = page
 
     def __repr__(self) -> str:
         return f"<TemplateExperience {self.experience.key!r}>"
@@ -118,6 +129,12 @@ class TemplateExperience:
     @property
     def payload(self) -> Mapping[str, Any]:
         return self.experience.payload
+
+    @property
+    def why(self) -> Decision | None:
+        """Where this request's answer came from and why: ``{{ hero.why }}`` reads
+        ``cache (12 s old)``; ``hero.why.source``, ``.reason``, ``.age``, ``.fetch_ms``."""
+        return self.page.why(self.experience.key) if self.page is not None else None
 
     def get(self, name: str, default: Any = None) -> Any:
         """Payload variable ``name`` (converted by its data_type), or ``default``."""
@@ -194,13 +211,16 @@ def _check_key(key: object) -> str:
     return key
 
 
-def _wrap(experience: Experience | None, env: Environment) -> TemplateExperience | None:
+def _wrap(
+    experience: Experience | None, env: Environment, page: Personalization
+) -> TemplateExperience | None:
     # A fresh wrapper per lookup (~0.3 µs): kept on the experience it would form a
-    # reference cycle, freed only by the cyclic GC once the cache drops the experience.
+    # reference cycle, freed only by the cyclic GC once the cache drops the experience
+    # (and the experience is shared between users: the page's story belongs here).
     if experience is None:
         return None
     hosts = getattr(env, URL_HOSTS_SETTING, NO_URL_HOSTS)
-    return TemplateExperience(experience, allowed_url_hosts=hosts)
+    return TemplateExperience(experience, allowed_url_hosts=hosts, page=page)
 
 
 # -- globals and filters (no state: everything comes from the render context) ---------------
@@ -248,10 +268,10 @@ def personalize_experience(
     if env.is_async:
 
         async def fetch() -> TemplateExperience | None:
-            return _wrap(await handle.get(key), env)
+            return _wrap(await handle.get(key), env, handle)
 
         return fetch()
-    return _wrap(handle.experience(key), env)
+    return _wrap(handle.experience(key), env, handle)
 
 
 @pass_context
@@ -297,13 +317,21 @@ def safe_url(env: Environment, value: Any, default: str = "") -> str:
 @pass_context
 def personalize_script(context: Context, nonce: str | None = None) -> Markup:
     """``{{ personalize_script(nonce=csp_nonce) }}``: the tracking script tag (put it once
-    in the base layout; empty when tracking is off)."""
+    in the base layout; empty when tracking is off), and where the request's developer
+    tools are on, the preview banner and the debug overlay."""
     handle = _handle_from(context)
-    if handle is None or handle.tracking is None:
+    if handle is None or (handle.tracking is None and handle.devtools is None):
         return _EMPTY
     request = context.resolve_or_missing("request")
     root_path = request.scope.get("root_path", "") if isinstance(request, Request) else ""
-    return handle.tracking.script_tag(nonce, root_path=root_path)
+    tags = (
+        _EMPTY
+        if handle.tracking is None
+        else handle.tracking.script_tag(nonce, root_path=root_path)
+    )
+    if handle.devtools is not None:
+        tags += handle.devtools.page_markup(handle, nonce, root_path=root_path)
+    return tags
 
 
 # -- URLs ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import anyio.to_thread
 
 from .._config import positive_int
 from .._contract import attributes_body, identifiers_body, statuses_query, unique_keys
+from .._decisions import LOCAL
 from .._exceptions import BadRequestError, ConfigurationError
 from .._models import EXPERIENCE_STATUSES, EventElement, Experience, ExperienceMetadata
 from ._counter import DEFAULT_MAX_REPORT_ROWS, ReportCounter
@@ -46,6 +47,9 @@ class LocalBackend:
     report survives a restart). ``max_events`` bounds ``events``; ``max_report_rows`` bounds
     the report's rows (see ``ReportCounter``), whose counts stay exact.
     """
+
+    #: What a fetch's ``Decision`` names as its source (``Personalization.why``).
+    decision_source = LOCAL
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ from ._tokens import (
     decode_token,
     decode_tokens,
     encode_token,
+    experience_token_part,
     validate_b_id,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "decode_token",
     "decode_tokens",
     "encode_token",
+    "experience_token_part",
     "is_bot",
     "outbox_from_settings",
     "validate_b_id",

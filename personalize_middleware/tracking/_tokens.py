@@ -53,6 +53,7 @@ __all__ = [
     "decode_token",
     "decode_tokens",
     "encode_token",
+    "experience_token_part",
     "validate_b_id",
 ]
 
@@ -114,6 +115,12 @@ def _cached_experience_part(experience: Experience) -> str:
             experience.key, experience.experience_context
         )
     return part
+
+
+def experience_token_part(experience: Experience) -> str:
+    """The first field of every token of ``experience`` (encoded once per object): the
+    debug overlay matches the tokens a page sends to its experiences with it."""
+    return experience.derived.get(_DERIVED_KEY) or _cached_experience_part(experience)
 
 
 def _click_part(b_id: str) -> str:

@@ -73,6 +73,12 @@ class MetadataWatcher:
             return keys
         return tuple(k for k in keys if statuses.get(k) == "Active")
 
+    def status(self, key: str) -> str | None:
+        """``key``'s status (``Active``, ``Paused``, ``Scheduled``), ``None`` when the
+        workspace has no such key (or metadata is not known yet: then ``""``)."""
+        statuses = self.statuses
+        return "" if statuses is None else statuses.get(key)
+
     async def refresh(self) -> list[ExperienceMetadata]:
         entries = await self.backend.fetch_metadata(EXPERIENCE_STATUSES)
         self.statuses = {entry.key: entry.status for entry in entries}

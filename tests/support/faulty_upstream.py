@@ -172,6 +172,7 @@ class FaultyUpstream:
         echo_credentials: bool = False,
         slow_delay: float = 8.0,
         events_body_limit: int | None = None,
+        key_statuses: dict[str, str] | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.echo_credentials = echo_credentials
@@ -183,6 +184,8 @@ class FaultyUpstream:
         self.known_keys = known_keys
         self.slow_delay = slow_delay
         self.events_body_limit = events_body_limit
+        #: Metadata statuses other than "Active", by key (a Paused one, say).
+        self.key_statuses = dict(key_statuses or {})
         self.base_url = ""
         self._lock = threading.Lock()
         self._faults: dict[str, Fault] = dict.fromkeys(ENDPOINTS, Fault.OK)
@@ -390,7 +393,11 @@ class FaultyUpstream:
 
         def answer() -> dict[str, Any]:
             entries = [
-                {"experience_name": key.title(), "experience_key": key, "status": "Active"}
+                {
+                    "experience_name": key.title(),
+                    "experience_key": key,
+                    "status": self.key_statuses.get(key, "Active"),
+                }
                 for key in self.known_keys
             ]
             return {"metadata": {"count": len(entries), "experiences": entries}}

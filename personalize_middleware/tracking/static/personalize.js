@@ -4,7 +4,8 @@
  * page view (a back/forward-cache restore continues the same page view).
  * Clicks: a click on (or inside) an element with data-pz-click reports that element once.
  * Beacons: the signed tokens, batched per animation frame, POSTed with sendBeacon (or
- * fetch keepalive) to the URL in this script tag's data-pz-endpoint.
+ * fetch keepalive) to the URL in this script tag's data-pz-endpoint; each batch sent is
+ * announced as a "personalize:sent" event on document (detail.tokens), for the overlay.
  * No eval, no inline code, no third-party code: it runs under a strict CSP. */
 (function () {
   "use strict";
@@ -50,8 +51,17 @@
       frame = 0;
     }
     while (queue.length) {
-      post(JSON.stringify({events: queue.splice(0, MAX_PER_BEACON)}));
+      var batch = queue.splice(0, MAX_PER_BEACON);
+      post(JSON.stringify({events: batch}));
+      announce(batch);
     }
+  }
+
+  // For the debug overlay (and the app's own scripts): what this page view sent.
+  function announce(tokens) {
+    try {
+      document.dispatchEvent(new CustomEvent("personalize:sent", {detail: {tokens: tokens}}));
+    } catch (e) { /* no CustomEvent: nobody to tell */ }
   }
 
   function enqueue(token) {
