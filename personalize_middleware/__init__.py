@@ -19,7 +19,7 @@ from ._exceptions import (
     UpstreamUnavailableError,
 )
 from ._identity import IdentityResolver, default_identity
-from ._interfaces import PersonalizeBackend, SharedLayer
+from ._interfaces import KeyOutcome, PageTrace, PersonalizeBackend, SharedLayer, Telemetry
 from ._lifecycle import Lifecycle
 from ._middleware import PersonalizeMiddleware
 from ._models import (
@@ -44,6 +44,7 @@ from .jinja import (
     setup_templates,
 )
 from .local import LocalBackend, create_local_server, load_experiences_file
+from .telemetry import OpenTelemetry, PrometheusMetrics
 from .tracking import BatcherStats, EventBatcher, EventRecorder, Tracking, TrackingStats
 from .upstream import CircuitBreaker, PersonalizeClient
 
@@ -65,10 +66,13 @@ __all__ = [
     "Identity",
     "IdentityResolver",
     "InvalidTokenError",
+    "KeyOutcome",
     "Keyring",
     "Lifecycle",
     "LocalBackend",
     "MalformedResponseError",
+    "OpenTelemetry",
+    "PageTrace",
     "Personalization",
     "PersonalizeBackend",
     "PersonalizeClient",
@@ -78,11 +82,13 @@ __all__ = [
     "PersonalizeSettings",
     "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
+    "PrometheusMetrics",
     "RateLimitedError",
     "RedisSharedLayer",
     "RetryPolicy",
     "SharedLayer",
     "StoreStats",
+    "Telemetry",
     "TemplateExperience",
     "TemplateUsageError",
     "Tracking",

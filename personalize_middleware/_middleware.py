@@ -39,6 +39,7 @@ from .cache import (
     ExperienceStore,
 )
 from .local import ReportSource, local_report_app
+from .telemetry import TelemetryArg, connect_telemetry, observe_page
 from .tracking import DEFAULT_TOKEN_TTL, Tracking
 from .upstream import DEFAULT_METADATA_REFRESH, CircuitBreaker, MetadataWatcher
 
@@ -98,6 +99,7 @@ class PersonalizeMiddleware:
         shared: SharedLayer | None = None,
         breaker: CircuitBreaker | None = None,
         exclude_paths: Sequence[str] = (),
+        telemetry: TelemetryArg = None,
     ) -> None:
         self.app = app
         positive_number("latency_budget", latency_budget)
@@ -196,6 +198,8 @@ class PersonalizeMiddleware:
             )
         self._report_app: ASGIApp | None = None
         self.exclude_paths = tuple(exclude_paths)
+        #: What observes the middleware (``OpenTelemetry()``, ``PrometheusMetrics()``, ...).
+        self.telemetry = connect_telemetry(telemetry, self.store, backend, self.tracking)
         self._state = Lifecycle.NEW
         self._start_lock: asyncio.Lock | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
@@ -297,6 +301,7 @@ class PersonalizeMiddleware:
         async def identity_factory() -> Identity:
             return await self._resolve_identity(scope, visitor)
 
+        telemetry = self.telemetry
         handle = Personalization(
             store=self.store,
             keys=keys,
@@ -305,6 +310,7 @@ class PersonalizeMiddleware:
             identity_factory=identity_factory,
             tracking=self.tracking,
             active_keys=self.metadata.active if self.metadata is not None else None,
+            observer=None if telemetry is None else observe_page(telemetry, keys, self.store),
         )
         state = scope.get("state")
         if state is None:
@@ -315,6 +321,8 @@ class PersonalizeMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self._decorate_response(message, handle, visitor, scope)
+                if telemetry is not None:
+                    handle.finish_observing()
             await send(message)
 
         token = current_personalization.set(handle)
@@ -322,6 +330,8 @@ class PersonalizeMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             current_personalization.reset(token)
+            if telemetry is not None:
+                handle.finish_observing()  # no response started (an error, a disconnect)
 
     async def _own_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The tracking endpoint, the script and (in local mode) the report."""

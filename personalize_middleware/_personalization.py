@@ -14,6 +14,7 @@ from ._models import Experience, FetchQuery, Identity
 
 if TYPE_CHECKING:
     from .cache import ExperienceStore
+    from .telemetry import PageObserver
 
 __all__ = ["Personalization", "current_personalization"]
 
@@ -39,6 +40,7 @@ class Personalization:
         "_futures",
         "_identity",
         "_identity_factory",
+        "_observer",
         "_query",
         "_render_id",
         "_resolved",
@@ -61,6 +63,7 @@ class Personalization:
         identity_factory: Callable[[], Awaitable[Identity]],
         tracking: TrackingHooks | None = None,
         active_keys: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
+        observer: PageObserver | None = None,
     ) -> None:
         self._store = store
         self.keys = keys
@@ -78,13 +81,18 @@ class Personalization:
         self.tracking_state: Any = None
         self.tracking = tracking
         self.used = bool(keys)
+        self._observer = observer
 
     # -- lifecycle (called by the middleware) -----------------------------------------------
 
     async def start(self) -> None:
         """Resolve the identity and start fetching the route's keys (never raises)."""
         if self.keys:
-            await self._request(self.keys)
+            if self._observer is None:
+                await self._request(self.keys)
+            else:
+                with self._observer.activate():  # the page's trace is the fetches' parent
+                    await self._request(self.keys)
 
     async def resolve_identity(self) -> Identity:
         if self._identity is None:
@@ -105,11 +113,15 @@ class Personalization:
             for key in wanted:
                 if key not in live:
                     self._resolved[key] = None  # not Active in the workspace: default
+            if self._observer is not None:
+                self._observer.disabled(k for k in wanted if k not in live)
             wanted = [k for k in wanted if k in live]
             if not wanted:
                 return
         query = await self._query_for_identity()
         found, missing = self._store.lookup(query, wanted)
+        if self._observer is not None:
+            self._observer.looked_up(query, found)
         self._resolved.update(found)
         if missing:
             self._futures.update(self._store.start_fetch(query, missing))
@@ -167,6 +179,8 @@ class Personalization:
         start) runs out. Late answers still fill the cache for the next request."""
         self._collect()
         if not self._futures:
+            if self._observer is not None:
+                self.finish_observing()
             return
         remaining = self._deadline - time.monotonic()
         if remaining > 0:
@@ -178,6 +192,17 @@ class Personalization:
             for key, experience in self._store.stale(self._query, list(self._futures)).items():
                 self._resolved[key] = experience
                 del self._futures[key]
+        if self._observer is not None:
+            self.finish_observing()
+
+    def finish_observing(self) -> None:
+        """Hand this page's outcomes to its telemetry (once: when the wait completes or
+        the response starts, whichever is first)."""
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            self._collect()
+            budget_spent = time.monotonic() >= self._deadline
+            observer.finish(self._query, self._resolved, tuple(self._futures), budget_spent)
 
     async def get(self, key: str) -> Experience | None:
         """The experience for ``key``, fetching it now if the route did not ask for it

@@ -27,10 +27,13 @@ EXPECTED = [
     "Identity",
     "IdentityResolver",
     "InvalidTokenError",
+    "KeyOutcome",
     "Keyring",
     "Lifecycle",
     "LocalBackend",
     "MalformedResponseError",
+    "OpenTelemetry",
+    "PageTrace",
     "Personalization",
     "PersonalizeBackend",
     "PersonalizeClient",
@@ -40,11 +43,13 @@ EXPECTED = [
     "PersonalizeSettings",
     "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
+    "PrometheusMetrics",
     "RateLimitedError",
     "RedisSharedLayer",
     "RetryPolicy",
     "SharedLayer",
     "StoreStats",
+    "Telemetry",
     "TemplateExperience",
     "TemplateUsageError",
     "Tracking",
@@ -81,12 +86,14 @@ def test_every_error_derives_from_personalize_error() -> None:
 
 
 def test_the_package_imports_without_the_optional_extras() -> None:
-    """redis, pyyaml, fastapi and uvicorn are extras: importing the package must not need them."""
+    """redis, pyyaml, fastapi, uvicorn, opentelemetry and prometheus_client are extras:
+    importing the package must not need them."""
     code = (
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        extras = {'redis', 'yaml', 'fastapi', 'uvicorn', 'itsdangerous'}\n"
+        "        extras = {'redis', 'yaml', 'fastapi', 'uvicorn', 'itsdangerous',\n"
+        "                  'opentelemetry', 'prometheus_client'}\n"
         "        if name.split('.')[0] in extras:\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"

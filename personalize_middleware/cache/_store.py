@@ -12,6 +12,9 @@ behind it as L2 and coordinates processes. Entries are
 Keys with no match are cached as ``None``. Concurrent misses for the same
 (identity, context, key) share one upstream call: each in-flight key has one future,
 resolved (never failed) with the experience, ``None`` or the stale fallback.
+
+Longer than ~400 lines because lookup, single-flight, shedding and the fallbacks share
+one L1 and one set of counters (and report to the telemetry from each).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 from cachetools import LRUCache, TTLCache
 
 from .._exceptions import APIError, CircuitOpenError, PersonalizeError
-from .._interfaces import PersonalizeBackend, SharedLayer
+from .._interfaces import PersonalizeBackend, SharedLayer, Telemetry
 from .._logging import RateLimitedLog
 from .._models import CachedExperience, Experience, FetchQuery, Identity
 from ..upstream import CircuitBreaker
@@ -107,6 +110,8 @@ class ExperienceStore:
         self.breaker = breaker or CircuitBreaker()
         self.clock = clock
         self.stats = StoreStats()
+        #: Set by ``PersonalizeMiddleware(telemetry=...)``; ``None``: nothing reported.
+        self.telemetry: Telemetry | None = None
         self._l1: TTLCache[str, _Contexts] = TTLCache(maxsize=maxsize, ttl=self.retention)
         self._inflight: dict[tuple[str, Any, str], asyncio.Future[Experience | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -145,6 +150,10 @@ class ExperienceStore:
         stats.hits += len(found) - len(refresh)
         stats.stale_hits += len(refresh)
         stats.misses += len(missing)
+        if (telemetry := self.telemetry) is not None:
+            telemetry.cache_result("hit", len(found) - len(refresh))
+            telemetry.cache_result("stale", len(refresh))
+            telemetry.cache_result("miss", len(missing))
         if refresh:
             self.start_fetch(query, refresh)
         return found, missing
@@ -167,6 +176,8 @@ class ExperienceStore:
                 to_fetch.append(key)
             else:
                 self.stats.coalesced += 1
+                if self.telemetry is not None:
+                    self.telemetry.cache_result("coalesced", 1)
                 futures[key] = future
         if to_fetch and len(self._tasks) >= self.max_concurrent_fetches:
             futures.update(self._shed(query, to_fetch))
@@ -187,6 +198,8 @@ class ExperienceStore:
         """Too many fetches in flight (a slow upstream): answer from stale-if-error or with
         the defaults at once, without a call and without caching anything."""
         self.stats.shed += len(keys)
+        if self.telemetry is not None:
+            self.telemetry.cache_result("shed", len(keys))
         self._log.warning(
             "shed",
             "personalize: %d upstream fetches in flight; serving stale or defaults",
@@ -243,6 +256,8 @@ class ExperienceStore:
             if from_l2:
                 self._remember(query, from_l2)  # stale ones still serve as fallback
             result = {k: e for k, e in from_l2.items() if now - e.fetched_at < self.ttl}
+            if self.telemetry is not None:
+                self.telemetry.cache_result("shared", len(result))
             remaining = [k for k in keys if k not in result]
             if not remaining:
                 return result
@@ -282,6 +297,8 @@ class ExperienceStore:
         self, query: FetchQuery, keys: list[str], exc: BaseException
     ) -> dict[str, CachedExperience]:
         """Stale entries within the stale-if-error window; the rest render defaults."""
+        if self.telemetry is not None:
+            self.telemetry.fetch_failed(exc)
         if isinstance(exc, CircuitOpenError):
             self.stats.skipped_calls += 1
             self._log.debug("circuit", "personalize: %s; serving stale or defaults", exc)
@@ -318,6 +335,8 @@ class ExperienceStore:
             if (e := entries.get(k)) is not None and now - e.fetched_at < self.sie_until
         }
         self.stats.fallbacks += len(stale)
+        if self.telemetry is not None:
+            self.telemetry.cache_result("fallback", len(stale))
         return stale
 
     def _remember(self, query: FetchQuery, entries: Mapping[str, CachedExperience]) -> None:
@@ -364,6 +383,13 @@ class ExperienceStore:
             return found
         self._interned[signature] = experience
         return experience
+
+    def age(self, query: FetchQuery, key: str) -> float | None:
+        """Seconds since L1's entry for ``key`` was fetched (``None``: no entry)."""
+        contexts = self._l1.get(query.identity_key)
+        entries = contexts.get(query.context_key) if contexts is not None else None
+        entry = entries.get(key) if entries is not None else None
+        return None if entry is None else self.clock() - entry.fetched_at
 
     # -- management ----------------------------------------------------------------------
 

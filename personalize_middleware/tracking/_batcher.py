@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from .._config import positive_number
 from .._exceptions import APIError, AuthenticationError, BadRequestError, ConfigurationError
-from .._interfaces import PersonalizeBackend
+from .._interfaces import PersonalizeBackend, Telemetry
 from .._lifecycle import Lifecycle
 from .._logging import RateLimitedLog
 from .._models import EventAction, EventElement
@@ -159,6 +159,7 @@ class EventBatcher:
         self._task: asyncio.Task[None] | None = None
         self._state = Lifecycle.NEW
         self._log = RateLimitedLog(logger)
+        self.telemetry: Telemetry | None = None  # set by PersonalizeMiddleware(telemetry=...)
 
     def __repr__(self) -> str:
         return f"EventBatcher(pending={self.pending}, stats={self.stats})"
@@ -180,6 +181,8 @@ class EventBatcher:
         full, or the batcher is closed)."""
         if self._closing or len(self._queue) >= self.max_queue:
             self.stats.dropped_overflow += 1
+            if self.telemetry is not None:
+                self._tell("dropped_overflow", 1)
             self._log.warning(
                 "overflow",
                 "personalize: event queue %s (%d actions); event dropped",
@@ -193,6 +196,8 @@ class EventBatcher:
         self._queue.append((customer_id, action))
         self._idle.clear()
         self.stats.queued += 1
+        if self.telemetry is not None:
+            self._tell("queued", 1)
         if len(self._queue) >= self.max_elements:
             self._wake.set()
         return True
@@ -249,6 +254,7 @@ class EventBatcher:
         left = len(self._queue) + max(self._inflight, cut_short)
         if left:
             self.stats.dropped_shutdown += left
+            self._tell("dropped_shutdown", left)
             logger.error(
                 "personalize: %d tracking events not delivered before shutdown (deadline %.1fs)",
                 left,
@@ -256,6 +262,7 @@ class EventBatcher:
             )
         self._queue.clear()
         self._inflight = 0
+        self._tell("", 0)
         self._idle.set()
         self._state = Lifecycle.CLOSED
 
@@ -278,6 +285,7 @@ class EventBatcher:
                 await self._deliver(pairs)
             finally:
                 self._inflight = 0
+                self._tell("", 0)
 
     async def _wait_for_batch(self) -> None:
         """Until a full batch is waiting, the interval since the first event ran out, or a
@@ -334,6 +342,7 @@ class EventBatcher:
                 if attempt > self.max_retries:
                     return self._drop(pairs, "failed", f"gave up after {attempt} tries: {exc}")
                 self.stats.retried += len(pairs)
+                self._tell("retried", len(pairs))
                 if not await self._pause(self.policy.backoff(attempt, exc)):
                     return self._drop(pairs, "shutdown", "shutdown deadline during retries")
                 continue
@@ -341,6 +350,7 @@ class EventBatcher:
                 logger.exception("personalize: events delivery failed unexpectedly")
                 return self._drop(pairs, "failed", f"unexpected {type(exc).__name__}")
             self.stats.sent += len(pairs)
+            self._tell("sent", len(pairs))
             return
 
     async def _call(self, pairs: list[_Pair]) -> None:
@@ -357,6 +367,7 @@ class EventBatcher:
         """A 400 names no element: split until the refused action is alone, drop it."""
         if len(pairs) > 1 and splits[0] <= 0:
             self.stats.dropped_rejected += len(pairs)
+            self._tell("dropped_rejected", len(pairs))
             logger.error(
                 "personalize: the events API refuses (400) most of a batch: %s; %d events "
                 "dropped without isolating further (check MOE-APPKEY / the workspace id)",
@@ -374,6 +385,7 @@ class EventBatcher:
                 exc.description or exc.title or exc,
             )
             self.stats.dropped_rejected += 1
+            self._tell("dropped_rejected", 1)
             return
         splits[0] -= 1
         middle = len(pairs) // 2
@@ -400,7 +412,16 @@ class EventBatcher:
             self.stats.dropped_shutdown += len(pairs)
         else:
             self.stats.dropped_failed += len(pairs)
+        self._tell("dropped_" + reason, len(pairs))
         logger.error("personalize: %d tracking events dropped (%s)", len(pairs), detail)
+
+    def _tell(self, outcome: str, count: int) -> None:
+        """Report ``count`` events reaching ``outcome`` (none: only the queue's depth)."""
+        telemetry = self.telemetry
+        if telemetry is not None:
+            if count:
+                telemetry.events_counted(outcome, count)
+            telemetry.outbox_depth(self.pending)
 
 
 def _group(pairs: Sequence[_Pair]) -> list[EventElement]:

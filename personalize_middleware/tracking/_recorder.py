@@ -20,7 +20,7 @@ from typing import Protocol
 
 from cachetools import TTLCache
 
-from .._interfaces import TrackedEvent
+from .._interfaces import Telemetry, TrackedEvent
 from .._models import ACTION_CLICKED, ACTION_SHOWN, EventAction, Identity
 from .._signing import Keyring, b64url_decode
 from ._batcher import BatcherStats
@@ -108,6 +108,7 @@ class EventRecorder:
         self._queue = queue
         self.stats = stats
         self._seen: TTLCache[str, bool] = TTLCache(maxsize=replay_cache_size, ttl=replay_window)
+        self.telemetry: Telemetry | None = None  # set by PersonalizeMiddleware(telemetry=...)
 
     def record(self, identity: Identity, event: TrackedEvent, now: float) -> bool:
         """Queue one verified event unless this page view already reported it."""
@@ -122,6 +123,8 @@ class EventRecorder:
             return False
         self._seen[event_uuid] = True
         stats.accepted += 1
+        if self.telemetry is not None:
+            self.telemetry.event_accepted(event)
         return self._queue.enqueue(customer_id, build_action(event, event_uuid=event_uuid, now=now))
 
     def event_uuid(self, event: TrackedEvent) -> str:

@@ -38,6 +38,7 @@ from .._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from .._interfaces import Telemetry
 from .._models import EventElement, Experience, ExperienceMetadata
 from .._retry import parse_retry_after
 from .._version import __version__
@@ -96,6 +97,8 @@ class PersonalizeClient:
         self._closed = False
         #: Seconds a whole call may take, however the time is spent.
         self._deadline = settings.connect_timeout + settings.read_timeout
+        #: Told of every call (``PersonalizeMiddleware(telemetry=...)``).
+        self.telemetry: Telemetry | None = None
 
     def _new_http(self) -> httpx.AsyncClient:
 
@@ -272,26 +275,38 @@ class PersonalizeClient:
     async def _call(self, endpoint: str, method: str, url: str, body: bytes | None) -> Any:
         if self._closed:
             raise RuntimeError("PersonalizeClient is closed")
+        telemetry = self.telemetry
+        call = None if telemetry is None else telemetry.upstream_call_started(endpoint)
         started = time.perf_counter()
+        status: int | None = None
+        error: BaseException | None = None
         try:
-            # httpx's timeouts are per operation: an upstream trickling a byte more often
-            # than read_timeout would hold the call, and a pooled connection, for as long as
-            # it liked. One overall deadline bounds every call.
-            async with asyncio.timeout(self._deadline):
-                response = await self._http.request(method, url, content=body)
-        except httpx.HTTPError as exc:
-            raise self._translate_transport_error(endpoint, exc) from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeoutError(
-                f"{endpoint}: no complete answer within {self._deadline:g}s", endpoint=endpoint
-            ) from exc
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        logger.debug(
-            "personalize: %s -> HTTP %d in %.1f ms", endpoint, response.status_code, elapsed_ms
-        )
-        if not 200 <= response.status_code < 300:
-            raise self._error_for_status(endpoint, response)
-        return _parse_json(endpoint, response)
+            try:
+                # httpx's timeouts are per operation: an upstream trickling a byte more
+                # often than read_timeout would hold the call, and a pooled connection, for
+                # as long as it liked. One overall deadline bounds every call.
+                async with asyncio.timeout(self._deadline):
+                    response = await self._http.request(method, url, content=body)
+            except httpx.HTTPError as exc:
+                raise self._translate_transport_error(endpoint, exc) from exc
+            except TimeoutError as exc:
+                raise UpstreamTimeoutError(
+                    f"{endpoint}: no complete answer within {self._deadline:g}s",
+                    endpoint=endpoint,
+                ) from exc
+            status = response.status_code
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            logger.debug("personalize: %s -> HTTP %d in %.1f ms", endpoint, status, elapsed_ms)
+            if not 200 <= status < 300:
+                raise self._error_for_status(endpoint, response)
+            return _parse_json(endpoint, response)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if telemetry is not None:
+                seconds = time.perf_counter() - started
+                telemetry.upstream_call_finished(call, endpoint, seconds, status, error)
 
     def _translate_transport_error(self, endpoint: str, exc: httpx.HTTPError) -> APIError:
         detail = self._redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
