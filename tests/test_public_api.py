@@ -105,3 +105,20 @@ def test_the_package_imports_without_the_optional_extras() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) == len(EXPECTED)
+
+
+def test_the_telemetry_libraries_are_imported_only_when_a_telemetry_is_created() -> None:
+    code = (
+        "import sys\n"
+        "import personalize_middleware as pm\n"
+        "loaded = lambda name: any(m.split('.')[0] == name for m in sys.modules)\n"
+        "print(loaded('opentelemetry'), loaded('prometheus_client'))\n"
+        "pm.PrometheusMetrics()\n"
+        "pm.OpenTelemetry()\n"
+        "print(loaded('opentelemetry'), loaded('prometheus_client'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "True", "True"]
