@@ -4,6 +4,9 @@ One ``PersonalizeClient`` owns one ``httpx.AsyncClient`` (pooled keep-alive conn
 for its whole life: create it at application start-up, close it at shutdown. Every httpx
 failure and every non-2xx answer is translated into the ``APIError`` tree in one place,
 ``_translate_transport_error`` / ``_raise_for_status``.
+
+Longer than ~400 lines because the three endpoints share that one boundary with httpx
+(the overall deadline, the error translation, the telemetry of every call).
 """
 
 from __future__ import annotations
