@@ -77,9 +77,11 @@ class Traced:
     """The page app behind PersonalizeMiddleware(telemetry=OpenTelemetry(...)), requests in
     process, the upstream over HTTP; every finished span lands in ``exporter``."""
 
-    def __init__(self, base_url: str, routes: dict[str, list[str]], **options: Any) -> None:
+    def __init__(
+        self, base_url: str, routes: dict[str, list[str]], *, sampler: Any = None, **options: Any
+    ) -> None:
         self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider()
+        self.provider = TracerProvider(sampler=sampler)
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         options.setdefault("metadata_refresh", None)
         options.setdefault("tracking", False)
@@ -533,3 +535,14 @@ async def test_a_telemetry_that_raises_is_logged_and_the_page_still_renders(
     broken = {r.getMessage() for r in caplog.records}
     assert "personalize: telemetry Broken.page_started failed; ignored" in broken
     assert "personalize: telemetry Broken.upstream_call_finished failed; ignored" in broken
+
+
+async def test_unsampled_pages_export_nothing_and_still_render(upstream: FaultyUpstream) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    site = Traced(upstream.base_url, {"/": list(KEYS)}, sampler=ALWAYS_OFF)
+    try:
+        assert await site.page("u9") == {key: f"{key}:u9" for key in KEYS}
+        assert site.exporter.get_finished_spans() == ()
+    finally:
+        await site.aclose()

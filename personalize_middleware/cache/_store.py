@@ -386,10 +386,11 @@ class ExperienceStore:
 
     def age(self, query: FetchQuery, key: str) -> float | None:
         """Seconds since L1's entry for ``key`` was fetched (``None``: no entry)."""
-        contexts = self._l1.get(query.identity_key)
-        entries = contexts.get(query.context_key) if contexts is not None else None
-        entry = entries.get(key) if entries is not None else None
-        return None if entry is None else self.clock() - entry.fetched_at
+        try:
+            entry = self._l1[query.identity_key][query.context_key][key]  # as in lookup
+        except KeyError:
+            return None
+        return self.clock() - entry.fetched_at
 
     # -- management ----------------------------------------------------------------------
 

@@ -169,6 +169,9 @@ class _PageSpan:
         if self._span is None and not outcomes:
             return  # a page that asked for nothing: no span
         span = self._ensure()
+        if not span.is_recording():  # not sampled: nothing to write
+            span.end()
+            return
         span.set_attribute("personalize.keys", list(outcomes))
         for key, outcome in outcomes.items():
             attributes: dict[str, Any] = {

@@ -165,8 +165,9 @@ class PrometheusMetrics(Telemetry):
         self._page_outcomes = page_outcomes
         self._breaker_state: str | None = None
         # Label children resolved once: .labels() costs a lock and a dict lookup per call.
-        self._cache_sources: dict[str, Any] = {}
-        self._event_outcomes: dict[str, Any] = {}
+        self._cache_sources = _Children(families.cache)
+        self._event_outcomes = _Children(families.events)
+        self._page_reasons = _Children(families.pages)
 
     def __repr__(self) -> str:
         return f"PrometheusMetrics(namespace={self.namespace!r}, multiprocess={self.multiprocess})"
@@ -199,7 +200,7 @@ class PrometheusMetrics(Telemetry):
     # -- Telemetry -------------------------------------------------------------------------
 
     def page_started(self, keys: tuple[str, ...]) -> PageTrace | None:
-        return _PageCounts(self._m.pages) if self._page_outcomes else None
+        return _PageCounts(self._page_reasons) if self._page_outcomes else None
 
     def upstream_call_finished(
         self,
@@ -212,10 +213,7 @@ class PrometheusMetrics(Telemetry):
         self._m.upstream.labels(short_endpoint(endpoint), call_outcome(error)).observe(seconds)
 
     def cache_result(self, source: str, count: int) -> None:
-        child = self._cache_sources.get(source)
-        if child is None:
-            child = self._cache_sources[source] = self._m.cache.labels(source)
-        child.inc(count)
+        self._cache_sources[source].inc(count)
 
     def fetch_failed(self, error: BaseException) -> None:
         reason = denial_reason(error)
@@ -238,24 +236,34 @@ class PrometheusMetrics(Telemetry):
         self.events_counted("accepted", 1)
 
     def events_counted(self, outcome: str, count: int) -> None:
-        child = self._event_outcomes.get(outcome)
-        if child is None:
-            child = self._event_outcomes[outcome] = self._m.events.labels(outcome)
-        child.inc(count)
+        self._event_outcomes[outcome].inc(count)
 
     def outbox_depth(self, depth: int) -> None:
         self._m.outbox.set(depth)
 
 
-class _PageCounts:
-    __slots__ = ("_pages",)
+class _Children(dict[str, Any]):
+    """A labelled counter's children by label value, resolved once each."""
 
-    def __init__(self, pages: Counter) -> None:
-        self._pages = pages
+    def __init__(self, counter: Counter) -> None:
+        super().__init__()
+        self._counter = counter
+
+    def __missing__(self, label: str) -> Any:
+        child = self[label] = self._counter.labels(label)
+        return child
+
+
+class _PageCounts:
+    __slots__ = ("_reasons",)
+
+    def __init__(self, reasons: _Children) -> None:
+        self._reasons = reasons
 
     def activate(self) -> AbstractContextManager[object]:
         return nullcontext()
 
     def finish(self, outcomes: Mapping[str, KeyOutcome]) -> None:
+        reasons = self._reasons
         for outcome in outcomes.values():
-            self._pages.labels(outcome.reason).inc()
+            reasons[outcome.reason].inc()
