@@ -384,13 +384,14 @@ class ExperienceStore:
         self._interned[signature] = experience
         return experience
 
-    def age(self, query: FetchQuery, key: str) -> float | None:
-        """Seconds since L1's entry for ``key`` was fetched (``None``: no entry)."""
+    def ages(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, float]:
+        """Seconds since L1's entries for ``keys`` were fetched (keys without one left out)."""
         try:
-            entry = self._l1[query.identity_key][query.context_key][key]  # as in lookup
+            entries = self._l1[query.identity_key][query.context_key]  # as in lookup
         except KeyError:
-            return None
-        return self.clock() - entry.fetched_at
+            return {}
+        now = self.clock()
+        return {k: now - e.fetched_at for k in keys if (e := entries.get(k)) is not None}
 
     # -- management ----------------------------------------------------------------------
 

@@ -44,10 +44,11 @@ class PageObserver:
 
     def looked_up(self, query: FetchQuery, found: Iterable[str]) -> None:
         """``found`` came from the cache just now: fresh, or stale with a refresh started."""
-        store = self._store
+        ttl = self._store.ttl
+        ages = self._store.ages(query, found)
         for key in found:
-            age = store.age(query, key)
-            self._notes[key] = "cached" if age is not None and age < store.ttl else "stale"
+            age = ages.get(key)
+            self._notes[key] = "cached" if age is not None and age < ttl else "stale"
 
     def disabled(self, keys: Iterable[str]) -> None:
         """``keys`` are not Active in the workspace: the page renders their defaults."""
@@ -64,23 +65,25 @@ class PageObserver:
         """The page is done with personalization: ``resolved`` is what it got, ``pending``
         what had not arrived (after the latency budget: an error; before: not waited for)."""
         outcomes: dict[str, KeyOutcome] = {}
+        notes = self._notes
+        fetched = [key for key in resolved if key not in notes]
+        ages = self._store.ages(query, fetched) if fetched and query is not None else {}
         for key, experience in resolved.items():
-            reason = self._notes.get(key) or self._fetched(query, key, experience)
+            reason = notes.get(key) or _fetched(ages.get(key), self._store.ttl, experience)
             outcomes[key] = Outcome(reason, experience)
         late: KeyReason = "error" if budget_spent else "default"
         for key in pending:
             outcomes[key] = Outcome(late, None)
         self.trace.finish(outcomes)
 
-    def _fetched(
-        self, query: FetchQuery | None, key: str, experience: Experience | None
-    ) -> KeyReason:
-        age = None if query is None else self._store.age(query, key)
-        if age is None:
-            return "error"  # the fetch failed (or was shed) and nothing was cached
-        if age >= self._store.ttl:
-            return "stale"  # stale-if-error stood in for a failed fetch
-        return "default" if experience is None else "targeting_match"
+
+def _fetched(age: float | None, ttl: float, experience: Experience | None) -> KeyReason:
+    """The reason of a key fetched for the page, from its cache entry's age now."""
+    if age is None:
+        return "error"  # the fetch failed (or was shed) and nothing was cached
+    if age >= ttl:
+        return "stale"  # stale-if-error stood in for a failed fetch
+    return "default" if experience is None else "targeting_match"
 
 
 def observe_page(

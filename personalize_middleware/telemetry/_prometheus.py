@@ -264,6 +264,8 @@ class _PageCounts:
         return nullcontext()
 
     def finish(self, outcomes: Mapping[str, KeyOutcome]) -> None:
-        reasons = self._reasons
+        counts: dict[str, int] = {}
         for outcome in outcomes.values():
-            reasons[outcome.reason].inc()
+            counts[outcome.reason] = counts.get(outcome.reason, 0) + 1
+        for reason, count in counts.items():  # one locked increment per reason
+            self._reasons[reason].inc(count)
