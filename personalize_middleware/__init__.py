@@ -23,7 +23,14 @@ from ._exceptions import (
 )
 from ._grants import PreviewGrant, preview_link, qa_link
 from ._identity import IdentityResolver, default_identity
-from ._interfaces import EventOutbox, PersonalizeBackend, SharedLayer
+from ._interfaces import (
+    EventOutbox,
+    KeyOutcome,
+    PageTrace,
+    PersonalizeBackend,
+    SharedLayer,
+    Telemetry,
+)
 from ._lifecycle import Lifecycle
 from ._middleware import PersonalizeMiddleware
 from ._models import (
@@ -50,6 +57,7 @@ from .jinja import (
     setup_templates,
 )
 from .local import LocalBackend, create_local_server, load_experiences_file
+from .telemetry import OpenTelemetry, PrometheusMetrics
 from .tracking import (
     BatcherStats,
     EventBatcher,
@@ -89,11 +97,14 @@ __all__ = [
     "IdentityResolver",
     "InvalidExperienceError",
     "InvalidTokenError",
+    "KeyOutcome",
     "Keyring",
     "Lifecycle",
     "LocalBackend",
     "MalformedResponseError",
     "MemoryOutbox",
+    "OpenTelemetry",
+    "PageTrace",
     "Personalization",
     "PersonalizeBackend",
     "PersonalizeClient",
@@ -104,6 +115,7 @@ __all__ = [
     "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
     "PreviewGrant",
+    "PrometheusMetrics",
     "RateLimitedError",
     "RedisOutbox",
     "RedisSharedLayer",
@@ -111,6 +123,7 @@ __all__ = [
     "SQLiteOutbox",
     "SharedLayer",
     "StoreStats",
+    "Telemetry",
     "TemplateExperience",
     "TemplateUsageError",
     "Tracking",

@@ -15,6 +15,10 @@ other:
 ``PageTools``           a request's developer tools: the preview it renders, the overlay
                         and banner, ``Server-Timing`` (``devtools.DevSession``)
 ``InspectedPage``       what those tools read of a page view (a ``Personalization``)
+``Telemetry``           observes the middleware at a few points (upstream calls, cache
+                        results, the breaker, events, each page's personalization): the
+                        ``telemetry`` package's ``OpenTelemetry`` and ``PrometheusMetrics``
+``PageTrace``           one page's observation, as ``Telemetry.page_started`` returns it
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import (
     MutableMapping,
     Sequence,
 )
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
@@ -55,12 +60,16 @@ __all__ = [
     "FetchFn",
     "IdentityResolver",
     "InspectedPage",
+    "KeyOutcome",
+    "KeyReason",
     "OutboxEntry",
     "PageTools",
+    "PageTrace",
     "PageView",
     "PersonalizeBackend",
     "PutResult",
     "SharedLayer",
+    "Telemetry",
     "TrackedEvent",
     "TrackingHooks",
 ]
@@ -276,3 +285,94 @@ class PageTools(Protocol):
     ) -> Markup: ...
 
     def decorate(self, message: MutableMapping[str, Any], page: InspectedPage) -> None: ...
+
+
+#: Why a page got what it got for one key (the values of OpenTelemetry's
+#: ``feature_flag.result.reason`` that apply): ``cached`` a fresh cache hit; ``stale``
+#: stale content (stale-while-revalidate, or stale-if-error after a failure or when the
+#: latency budget ran out); ``targeting_match`` the upstream answered a variation now;
+#: ``default`` the upstream answered that the user matches no variation, or the page did
+#: not wait for the answer; ``error`` nothing arrived (failure, timeout, shed, circuit
+#: open) and nothing stale stood in; ``disabled`` the key is not Active in the workspace.
+KeyReason = Literal["cached", "stale", "targeting_match", "default", "error", "disabled"]
+
+
+class KeyOutcome(Protocol):
+    """What one key of one page resolved to."""
+
+    @property
+    def reason(self) -> KeyReason: ...
+    @property
+    def experience(self) -> Experience | None: ...
+
+
+class PageTrace(Protocol):
+    """One page view's personalization, observed from the request's start.
+
+    ``activate`` is entered around the start of the page's fetches (so a tracer can make
+    the upstream calls children of the page); ``finish`` is called once, when the handle's
+    wait completes or the response starts, whichever comes first."""
+
+    def activate(self) -> AbstractContextManager[object]: ...
+
+    def finish(self, outcomes: Mapping[str, KeyOutcome]) -> None: ...
+
+
+class Telemetry(Protocol):
+    """Observes the middleware; every method defaults to doing nothing, so an
+    implementation overrides only what it needs (subclassing this class is fine).
+
+    Methods are called on the request path and in background tasks, on the event loop:
+    they must be quick and must not raise (``PersonalizeMiddleware`` logs and swallows
+    what they raise). Nothing calls them when no telemetry is configured.
+
+    ``endpoint`` is the upstream endpoint (``"POST /experiences/fetch"``); ``status`` the
+    HTTP status when an answer arrived; ``source`` of a cache result is ``hit``,
+    ``stale``, ``miss``, ``coalesced``, ``shared`` (fresh from the shared L2), ``shed``
+    or ``fallback`` (stale-if-error served); event ``outcome``s are the counters of
+    ``BatcherStats`` (``queued``, ``sent``, ``retried``, ``dropped_overflow``, ...)
+    and ``accepted``.
+    """
+
+    def page_started(self, keys: tuple[str, ...]) -> PageTrace | None:
+        """A page request started (``keys``: its route's keys); ``None``: not traced."""
+        return None
+
+    def upstream_call_started(self, endpoint: str) -> object:
+        """An HTTP call to MoEngage starts; what it returns is handed to ``..._finished``."""
+        return None
+
+    def upstream_call_finished(
+        self,
+        call: object,
+        endpoint: str,
+        seconds: float,
+        status: int | None,
+        error: BaseException | None,
+    ) -> None:
+        """The call ended: answered (``error`` is ``None``), failed or was cancelled."""
+        return None
+
+    def cache_result(self, source: str, count: int) -> None:
+        """``count`` keys were answered (or not) by ``source``."""
+        return None
+
+    def fetch_failed(self, error: BaseException) -> None:
+        """A fetch for a page failed or was not made (circuit open, budget spent)."""
+        return None
+
+    def breaker_changed(self, state: str) -> None:
+        """The circuit breaker is now ``closed``, ``open`` or ``half-open``."""
+        return None
+
+    def event_accepted(self, event: TrackedEvent) -> None:
+        """A verified impression or click was accepted for delivery."""
+        return None
+
+    def events_counted(self, outcome: str, count: int) -> None:
+        """``count`` events reached ``outcome`` (``sent``, ``retried``, ``dropped_*`` ...)."""
+        return None
+
+    def outbox_depth(self, depth: int) -> None:
+        """Events waiting for delivery in this process (the batcher's queue, or an outbox)."""
+        return None

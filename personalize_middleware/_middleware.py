@@ -53,6 +53,7 @@ from ._signing import Keyring
 from .cache import ExperienceStore
 from .devtools import DevTools
 from .local import ReportSource
+from .telemetry import connect_telemetry, observe_page
 from .tracking import Tracking, experience_token_part, is_bot, outbox_from_settings
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
@@ -205,6 +206,8 @@ class PersonalizeMiddleware:
             )
         self._report_app: ASGIApp | None = None
         self.exclude_paths = options.exclude_paths
+        #: What observes the middleware (``OpenTelemetry()``, ``PrometheusMetrics()``, ...).
+        self.telemetry = connect_telemetry(options.telemetry, self.store, backend, self.tracking)
         #: "defaults": known crawlers get every experience's default, with no upstream call.
         self.crawlers = options.crawlers
         # The page view's User-Agent is needed for crawler checks even when it is not sent.
@@ -349,6 +352,7 @@ class PersonalizeMiddleware:
         async def identity_factory() -> Identity:
             return await self._resolve_identity(scope, visitor)
 
+        telemetry = self.telemetry
         preview = tools.preview if tools is not None else None
         if preview is not None:
             # The grant's customer or audience, not the visitor (never resolved: no visitor
@@ -366,6 +370,7 @@ class PersonalizeMiddleware:
             devtools=tools,
             user_agent=user_agent,
             fetch=fetch,
+            observer=None if telemetry is None else observe_page(telemetry, keys, self.store),
         )
         if preview is not None:
             handle.used = True  # private, no-store, Vary: Cookie, whatever the page reads
@@ -381,6 +386,8 @@ class PersonalizeMiddleware:
             await self.app(scope, receive, gate.send)
         finally:
             current_personalization.reset(token)
+            if telemetry is not None:
+                handle.finish_observing()  # the page's trace ends with the request at the latest
         if gate.held is not None:  # not reached on an exception: a held start is dropped
             await gate.finish()
 

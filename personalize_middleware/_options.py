@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 from ._config import PersonalizeSettings
 from ._context import DEFAULT_QUERY_PARAMS
 from ._identity import DEFAULT_VISITOR_COOKIE, DEFAULT_VISITOR_MAX_AGE
-from ._interfaces import IdentityResolver, PersonalizeBackend, SharedLayer
+from ._interfaces import IdentityResolver, PersonalizeBackend, SharedLayer, Telemetry
 from ._routes import RoutesConfig
 from .cache import (
     DEFAULT_CACHE_MAXSIZE,
@@ -142,6 +142,10 @@ class TrackingOptions:
     enabled: bool = True
 
 
+#: What ``telemetry=`` takes: one ``Telemetry`` or several (``None``: nothing observes).
+TelemetryArg = Telemetry | Sequence[Telemetry] | None
+
+
 class MiddlewareOptions(TypedDict, total=False):
     """The keyword arguments of ``PersonalizeMiddleware`` (see the README's reference)."""
 
@@ -168,6 +172,7 @@ class MiddlewareOptions(TypedDict, total=False):
     qa_cookies: bool
     debug_overlay: bool | None
     server_timing: bool
+    telemetry: TelemetryArg
     # The flat names of earlier releases (LEGACY_OPTIONS):
     cache_ttl: float
     stale_while_revalidate: float
@@ -239,3 +244,5 @@ class ResolvedOptions:
     qa_cookies: bool = True
     debug_overlay: bool | None = None
     server_timing: bool = False
+    #: What observes the middleware: a ``Telemetry`` or a list of them (``None``: nothing).
+    telemetry: TelemetryArg = None

@@ -29,6 +29,7 @@ from ._models import CachedExperience, Experience, FetchQuery, Identity
 if TYPE_CHECKING:
     from ._grants import PreviewGrant
     from .cache import ExperienceStore
+    from .telemetry import PageObserver
 
 __all__ = ["Personalization", "current_personalization"]
 
@@ -61,6 +62,7 @@ class Personalization:
         "_identity",
         "_identity_factory",
         "_key_status",
+        "_observer",
         "_query",
         "_render_id",
         "_resolved",
@@ -91,6 +93,7 @@ class Personalization:
         fetch: bool = True,
         key_status: Callable[[str], str | None] | None = None,
         devtools: PageTools | None = None,
+        observer: PageObserver | None = None,
     ) -> None:
         self._store = store
         self.keys = keys
@@ -119,13 +122,18 @@ class Personalization:
         #: The request's User-Agent (crawlers are not tracked; see ``tracking.is_bot``).
         self.user_agent = user_agent
         self._fetch_off = not fetch  # e.g. a crawler served the defaults
+        self._observer = observer
 
     # -- lifecycle (called by the middleware) -----------------------------------------------
 
     async def start(self) -> None:
         """Resolve the identity and start fetching the route's keys (never raises)."""
         if self.keys:
-            await self._request(self.keys)
+            if self._observer is None:
+                await self._request(self.keys)
+            else:
+                with self._observer.activate():  # the page's trace is the fetches' parent
+                    await self._request(self.keys)
 
     async def resolve_identity(self) -> Identity:
         """Who this request is (the visitor cookie is issued if there was none). A page
@@ -155,11 +163,15 @@ class Personalization:
                     self._resolved[key] = None  # not Active in the workspace: default
                     status = self._key_status(key) if self._key_status is not None else ""
                     self._why[key] = _UNKNOWN_KEY if status is None else _NOT_ACTIVE
+            if self._observer is not None:
+                self._observer.disabled(k for k in wanted if k not in live)
             wanted = [k for k in wanted if k in live]
             if not wanted:
                 return
         query = await self._query_for_identity()
         found, missing = self._store.lookup(query, wanted, self._why)
+        if self._observer is not None:
+            self._observer.looked_up(query, found)
         self._resolved.update(found)
         if missing:
             self._futures.update(self._store.start_fetch(query, missing))
@@ -222,6 +234,8 @@ class Personalization:
         start) runs out. Late answers still fill the cache for the next request."""
         self._collect()
         if not self._futures:
+            if self._observer is not None:
+                self.finish_observing()
             return
         started = time.monotonic()
         remaining = self._deadline - started
@@ -238,6 +252,17 @@ class Personalization:
                 self._resolved[key] = entry.experience
                 self._why[key] = decision_from_entry(entry, STALE, TIMEOUT, now)
                 del self._futures[key]
+        if self._observer is not None:
+            self.finish_observing()
+
+    def finish_observing(self) -> None:
+        """Hand this page's outcomes to its telemetry (once: when the wait completes or
+        the response starts, whichever is first)."""
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            self._collect()
+            budget_spent = time.monotonic() >= self._deadline
+            observer.finish(self._query, self._resolved, tuple(self._futures), budget_spent)
 
     # -- why -------------------------------------------------------------------------------
 

@@ -104,6 +104,7 @@ def resolve_options(options: Mapping[str, Any]) -> ResolvedOptions:
         qa_cookies=_flag("qa_cookies", get("qa_cookies", True)),
         debug_overlay=_flag("debug_overlay", get("debug_overlay"), optional=True),
         server_timing=_flag("server_timing", get("server_timing", False)),
+        telemetry=get("telemetry"),  # checked where it is combined (telemetry/_wiring)
     )
 
 

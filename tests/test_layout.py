@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "personalize_middleware"
 ROOT = "personalize_middleware"
 #: Subpackages that are features of their own; the rest of the top level is the core
 #: (models, interfaces, config, ...) every feature may use.
-FEATURES = ("cache", "devtools", "jinja", "local", "tracking", "upstream")
+FEATURES = ("cache", "devtools", "jinja", "local", "telemetry", "tracking", "upstream")
 MAX_LINES = 400
 REASON_MARK = "Longer than"
 

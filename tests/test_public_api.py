@@ -37,11 +37,14 @@ EXPECTED = [
     "IdentityResolver",
     "InvalidExperienceError",
     "InvalidTokenError",
+    "KeyOutcome",
     "Keyring",
     "Lifecycle",
     "LocalBackend",
     "MalformedResponseError",
     "MemoryOutbox",
+    "OpenTelemetry",
+    "PageTrace",
     "Personalization",
     "PersonalizeBackend",
     "PersonalizeClient",
@@ -52,6 +55,7 @@ EXPECTED = [
     "PersonalizeTemplates",
     "PersonalizedTemplateResponse",
     "PreviewGrant",
+    "PrometheusMetrics",
     "RateLimitedError",
     "RedisOutbox",
     "RedisSharedLayer",
@@ -59,6 +63,7 @@ EXPECTED = [
     "SQLiteOutbox",
     "SharedLayer",
     "StoreStats",
+    "Telemetry",
     "TemplateExperience",
     "TemplateUsageError",
     "Tracking",
@@ -101,12 +106,14 @@ def test_every_error_derives_from_personalize_error() -> None:
 
 
 def test_the_package_imports_without_the_optional_extras() -> None:
-    """redis, pyyaml, fastapi and uvicorn are extras: importing the package must not need them."""
+    """redis, pyyaml, fastapi, uvicorn, opentelemetry and prometheus_client are extras:
+    importing the package must not need them."""
     code = (
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        extras = {'redis', 'yaml', 'fastapi', 'uvicorn', 'itsdangerous'}\n"
+        "        extras = {'redis', 'yaml', 'fastapi', 'uvicorn', 'itsdangerous',\n"
+        "                  'opentelemetry', 'prometheus_client'}\n"
         "        if name.split('.')[0] in extras:\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
@@ -144,3 +151,20 @@ def test_every_name_the_docs_import_from_the_package_is_exported() -> None:
             if name not in personalize_middleware.__all__:
                 missing[name] = page.name
     assert not missing, f"documented but not exported: {missing}"
+
+
+def test_the_telemetry_libraries_are_imported_only_when_a_telemetry_is_created() -> None:
+    code = (
+        "import sys\n"
+        "import personalize_middleware as pm\n"
+        "loaded = lambda name: any(m.split('.')[0] == name for m in sys.modules)\n"
+        "print(loaded('opentelemetry'), loaded('prometheus_client'))\n"
+        "pm.PrometheusMetrics()\n"
+        "pm.OpenTelemetry()\n"
+        "print(loaded('opentelemetry'), loaded('prometheus_client'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "True", "True"]

@@ -16,7 +16,8 @@ carrying the ``Decision`` behind it (``_decisions.DecidedFuture``: network, shar
 stale with the failure's reason, ...); ``lookup`` reports its hits the same way.
 
 Longer than ~400 lines because reading, fetching, falling back and interning share one
-L1 structure and its invariants (ages, retention, single-flight): they read best together.
+L1 structure and its invariants (ages, retention, single-flight): they read best together
+(and report to the telemetry from each).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .._decisions import (
     settle,
 )
 from .._exceptions import APIError, CircuitOpenError, PersonalizeError
-from .._interfaces import PersonalizeBackend, SharedLayer
+from .._interfaces import PersonalizeBackend, SharedLayer, Telemetry
 from .._logging import RateLimitedLog
 from .._models import CachedExperience, Experience, FetchQuery, Identity
 from ..upstream import CircuitBreaker
@@ -124,6 +125,8 @@ class ExperienceStore:
         self.breaker = breaker or CircuitBreaker()
         self.clock = clock
         self.stats = StoreStats()
+        #: Set by ``PersonalizeMiddleware(telemetry=...)``; ``None``: nothing reported.
+        self.telemetry: Telemetry | None = None
         self._l1: TTLCache[str, _Contexts] = TTLCache(maxsize=maxsize, ttl=self.retention)
         self._inflight: dict[tuple[str, Any, str], asyncio.Future[Experience | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -175,6 +178,10 @@ class ExperienceStore:
         stats.hits += len(found) - len(refresh)
         stats.stale_hits += len(refresh)
         stats.misses += len(missing)
+        if (telemetry := self.telemetry) is not None:
+            telemetry.cache_result("hit", len(found) - len(refresh))
+            telemetry.cache_result("stale", len(refresh))
+            telemetry.cache_result("miss", len(missing))
         if refresh:
             self.start_fetch(query, refresh)
         return found, missing
@@ -197,6 +204,8 @@ class ExperienceStore:
                 to_fetch.append(key)
             else:
                 self.stats.coalesced += 1
+                if self.telemetry is not None:
+                    self.telemetry.cache_result("coalesced", 1)
                 futures[key] = future
         if to_fetch and len(self._tasks) >= self.max_concurrent_fetches:
             futures.update(self._shed(query, to_fetch))
@@ -219,6 +228,8 @@ class ExperienceStore:
         """Too many fetches in flight (a slow upstream): answer from stale-if-error or with
         the defaults at once, without a call and without caching anything."""
         self.stats.shed += len(keys)
+        if self.telemetry is not None:
+            self.telemetry.cache_result("shed", len(keys))
         self._log.warning(
             "shed",
             "personalize: %d upstream fetches in flight; serving stale or defaults",
@@ -291,6 +302,8 @@ class ExperienceStore:
             result = {k: e for k, e in from_l2.items() if now - e.fetched_at < self.ttl}
             if served_by_l2 is not None:
                 served_by_l2.update(result)
+            if self.telemetry is not None:
+                self.telemetry.cache_result("shared", len(result))
             remaining = [k for k in keys if k not in result]
             if not remaining:
                 return result
@@ -330,6 +343,8 @@ class ExperienceStore:
         self, query: FetchQuery, keys: list[str], exc: BaseException
     ) -> dict[str, CachedExperience]:
         """Stale entries within the stale-if-error window; the rest render defaults."""
+        if self.telemetry is not None:
+            self.telemetry.fetch_failed(exc)
         if isinstance(exc, CircuitOpenError):
             self.stats.skipped_calls += 1
             self._log.debug("circuit", "personalize: %s; serving stale or defaults", exc)
@@ -370,6 +385,8 @@ class ExperienceStore:
             if (e := entries.get(k)) is not None and now - e.fetched_at < self.sie_until
         }
         self.stats.fallbacks += len(stale)
+        if self.telemetry is not None:
+            self.telemetry.cache_result("fallback", len(stale))
         return stale
 
     def _remember(self, query: FetchQuery, entries: Mapping[str, CachedExperience]) -> None:
@@ -416,6 +433,15 @@ class ExperienceStore:
             return found
         self._interned[signature] = experience
         return experience
+
+    def ages(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, float]:
+        """Seconds since L1's entries for ``keys`` were fetched (keys without one left out)."""
+        try:
+            entries = self._l1[query.identity_key][query.context_key]  # as in lookup
+        except KeyError:
+            return {}
+        now = self.clock()
+        return {k: now - e.fetched_at for k in keys if (e := entries.get(k)) is not None}
 
     # -- management ----------------------------------------------------------------------
 

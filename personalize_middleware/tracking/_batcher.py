@@ -24,7 +24,7 @@ import time
 
 from .._config import positive_int, positive_number
 from .._exceptions import ConfigurationError, OutboxUnavailableError
-from .._interfaces import EventOutbox, OutboxEntry, PersonalizeBackend
+from .._interfaces import EventOutbox, OutboxEntry, PersonalizeBackend, Telemetry
 from .._lifecycle import Lifecycle
 from .._logging import RateLimitedLog
 from .._models import EventAction
@@ -127,6 +127,7 @@ class EventBatcher(Intake, Delivery):
         self.call_timeout = call_timeout
         self.shutdown_timeout = shutdown_timeout
         self.stats = BatcherStats()
+        self._telemetry: Telemetry | None = None
         self._buffer = FairBuffer()
         # A memory outbox hands over everything at once; a durable one a window at a time.
         self._window = self._memory.max_queue if self._memory is not None else _DURABLE_WINDOW
@@ -152,6 +153,23 @@ class EventBatcher(Intake, Delivery):
 
     def __repr__(self) -> str:
         return f"EventBatcher(pending={self.pending}, outbox={self.outbox!r}, stats={self.stats})"
+
+    @property
+    def telemetry(self) -> Telemetry | None:
+        """Told of every counter change and of the outbox's depth
+        (``PersonalizeMiddleware(telemetry=...)`` sets it)."""
+        return self._telemetry
+
+    @telemetry.setter
+    def telemetry(self, telemetry: Telemetry | None) -> None:
+        self._telemetry = telemetry
+
+        def report(outcome: str, count: int) -> None:
+            if telemetry is not None:
+                telemetry.events_counted(outcome, count)
+                telemetry.outbox_depth(self.pending)
+
+        self.stats.report = None if telemetry is None else report
 
     @property
     def state(self) -> Lifecycle:

@@ -32,8 +32,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from .._exceptions import APIError, AuthenticationError, BadRequestError, OutboxUnavailableError
 from .._interfaces import EventOutbox, OutboxEntry, PersonalizeBackend
@@ -70,6 +70,24 @@ class BatcherStats:
     dropped_failed: int = 0
     dropped_expired: int = 0
     dropped_shutdown: int = 0
+
+    #: Where counter changes are reported (``EventBatcher.telemetry`` sets it).
+    report: Callable[[str, int], None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Every counter change reaches the telemetry, wherever in the batcher, its intake
+        # or its delivery the counter is bumped (one place instead of one call per bump).
+        try:
+            report = object.__getattribute__(self, "report")
+        except AttributeError:  # being initialised
+            report = None
+        if report is not None and name != "report" and isinstance(value, int):
+            delta = value - getattr(self, name)
+            if delta:
+                report(name, delta)
+        object.__setattr__(self, name, value)
 
     @property
     def dropped(self) -> int:

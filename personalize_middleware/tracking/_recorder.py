@@ -21,7 +21,7 @@ from typing import Protocol
 
 from cachetools import TTLCache
 
-from .._interfaces import TrackedEvent
+from .._interfaces import Telemetry, TrackedEvent
 from .._models import ACTION_CLICKED, ACTION_SHOWN, EventAction, Identity
 from .._signing import Keyring, b64url_decode
 from ._batcher import BatcherStats
@@ -120,6 +120,7 @@ class EventRecorder:
         self._queue = queue
         self.stats = stats
         self._seen: TTLCache[str, bool] = TTLCache(maxsize=replay_cache_size, ttl=replay_window)
+        self.telemetry: Telemetry | None = None  # set by PersonalizeMiddleware(telemetry=...)
 
     def record(self, identity: Identity, event: TrackedEvent, now: float) -> bool:
         """Queue one verified event unless this page view already reported it."""
@@ -127,6 +128,8 @@ class EventRecorder:
         if admitted is None:
             return False
         self.stats.accepted += 1
+        if self.telemetry is not None:
+            self.telemetry.event_accepted(event)
         return self._queue.enqueue(*admitted)
 
     async def record_all(
@@ -140,8 +143,12 @@ class EventRecorder:
         outbox could not store them (they are then not remembered as seen either).
         ``event_uuids``: the events' ``event_uuid``, when the caller has them already."""
         uuids = event_uuids if event_uuids is not None else [None] * len(events)
-        admitted = (self._admit(identity, e, now, u) for e, u in zip(events, uuids, strict=True))
-        items = [a for a in admitted if a is not None]
+        admitted = [
+            (event, item)
+            for event, uuid_ in zip(events, uuids, strict=True)
+            if (item := self._admit(identity, event, now, uuid_)) is not None
+        ]
+        items = [item for _, item in admitted]
         if not items:
             return True
         if not await self._queue.store(items):
@@ -149,6 +156,9 @@ class EventRecorder:
                 self._seen.pop(action["moe_event_uuid"], None)
             return False
         self.stats.accepted += len(items)
+        if (telemetry := self.telemetry) is not None:
+            for event, _ in admitted:
+                telemetry.event_accepted(event)
         return True
 
     def _admit(

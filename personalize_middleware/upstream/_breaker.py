@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from .._exceptions import APIError, AuthenticationError, CircuitOpenError
+from .._interfaces import Telemetry
 from .._logging import RateLimitedLog
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
@@ -53,6 +54,8 @@ class CircuitBreaker:
         self.paused_until = 0.0
         self.times_opened = 0
         self._log = RateLimitedLog(logger)
+        #: Told of every state change (``PersonalizeMiddleware(telemetry=...)``).
+        self.telemetry: Telemetry | None = None
 
     @property
     def state(self) -> str:
@@ -78,10 +81,14 @@ class CircuitBreaker:
             if self.probe_in_flight:
                 raise CircuitOpenError("circuit half-open; a probe call is in flight")
             self.probe_in_flight = True
+            if self.telemetry is not None:
+                self.telemetry.breaker_changed("half-open")
 
     def record_success(self) -> None:
         if self.opened_at is not None:
             logger.info("personalize: upstream recovered; circuit closed")
+            if self.telemetry is not None:
+                self.telemetry.breaker_changed("closed")
         self.failures = 0
         self.opened_at = None
         self.probe_in_flight = False
@@ -113,4 +120,6 @@ class CircuitBreaker:
                     self.cooldown,
                 )
             self.opened_at = self.clock()
+            if self.telemetry is not None:
+                self.telemetry.breaker_changed("open")
         self.probe_in_flight = False

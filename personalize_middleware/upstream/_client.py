@@ -40,6 +40,7 @@ from .._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from .._interfaces import Telemetry
 from .._models import EventElement, Experience, ExperienceMetadata
 from .._redact import Redactor, protect_library_logs
 from .._retry import parse_retry_after
@@ -99,6 +100,8 @@ class PersonalizeClient:
         self._closed = False
         #: Seconds a whole call may take, however the time is spent.
         self._deadline = settings.connect_timeout + settings.read_timeout
+        #: Told of every call (``PersonalizeMiddleware(telemetry=...)``).
+        self.telemetry: Telemetry | None = None
 
     def _new_http(self) -> httpx.AsyncClient:
         settings = self._settings
@@ -268,6 +271,23 @@ class PersonalizeClient:
     # -- the one boundary with httpx ------------------------------------------------------
 
     async def _call(self, endpoint: str, method: str, url: str, body: bytes | None) -> Any:
+        telemetry = self.telemetry
+        if telemetry is None:
+            return await self._request(endpoint, method, url, body)
+        call = telemetry.upstream_call_started(endpoint)
+        started = time.perf_counter()
+        status: int | None = 200
+        error: BaseException | None = None
+        try:
+            return await self._request(endpoint, method, url, body)
+        except BaseException as exc:
+            error, status = exc, getattr(exc, "status_code", None)
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            telemetry.upstream_call_finished(call, endpoint, seconds, status, error)
+
+    async def _request(self, endpoint: str, method: str, url: str, body: bytes | None) -> Any:
         if self._closed:
             raise ClientClosedError("PersonalizeClient is closed")
         started = time.perf_counter()
