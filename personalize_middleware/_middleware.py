@@ -169,17 +169,19 @@ class PersonalizeMiddleware:
         if isinstance(tracking, Tracking):
             self.tracking: Tracking | None = tracking  # the app's own: it owns its prefix
         elif tracking.enabled:
-            self.tracking = Tracking(
-                keyring=self.keyring,
-                backend=events_backend,
-                prefix=tracking.prefix,
-                impressions=tracking.impressions,
-                allowed_origins=tracking.allowed_origins,
-                token_ttl=tracking.token_ttl,
+            built: dict[str, Any] = {
+                "prefix": tracking.prefix,
+                "impressions": tracking.impressions,
+                "allowed_origins": tracking.allowed_origins,
+                "token_ttl": tracking.token_ttl,
+                "bots": tracking.bots,
+                "limits": tracking.limits,
+                "body_timeout": tracking.body_timeout,
                 # settings.events_outbox: in memory, a SQLite file or Redis (with redis_url)
-                outbox=outbox_from_settings(settings) if settings is not None else None,
-                **test_tracking,
-            )
+                "outbox": outbox_from_settings(settings) if settings is not None else None,
+            }
+            built.update(test_tracking)  # the testing kit's relaxed limits, fast flushes
+            self.tracking = Tracking(keyring=self.keyring, backend=events_backend, **built)
         else:
             self.tracking = None
         self.tracking_prefix: str = tracking.prefix

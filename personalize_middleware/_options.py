@@ -42,7 +42,7 @@ from .cache import (
     DEFAULT_STALE_IF_ERROR,
     DEFAULT_STALE_WHILE_REVALIDATE,
 )
-from .tracking import DEFAULT_TOKEN_TTL, Tracking
+from .tracking import DEFAULT_BODY_TIMEOUT, DEFAULT_TOKEN_TTL, Tracking, TrackingLimits
 from .upstream import CircuitBreaker
 
 if TYPE_CHECKING:
@@ -131,13 +131,19 @@ class TrackingOptions:
     ``prefix``: where the beacon endpoint, the script and the report live;
     ``impressions``: ``"client"`` (seen ≥50 % for 1 s, by the script) or ``"server"``
     (counted at render time); ``allowed_origins``: origins whose beacons are accepted
-    besides the request's own Host; ``token_ttl``: lifetime of a tracking token (s).
+    besides the request's own Host; ``token_ttl``: lifetime of a tracking token (s);
+    ``bots``: ``"ignore"`` (known crawlers are not tracked) or ``"track"``; ``limits``:
+    the human-timing rules and per visitor / per address rates (``TrackingLimits``);
+    ``body_timeout``: seconds a beacon's body may take to arrive (408 after).
     """
 
     prefix: str = DEFAULT_TRACKING_PREFIX
     impressions: Literal["client", "server"] = "client"
     allowed_origins: Sequence[str] = ()
     token_ttl: float = DEFAULT_TOKEN_TTL
+    bots: Literal["ignore", "track"] = "ignore"
+    limits: TrackingLimits | None = None
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     #: ``False``: no hooks, no script, no beacon endpoint (``tracking=False`` does this).
     enabled: bool = True
 

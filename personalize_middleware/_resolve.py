@@ -31,7 +31,7 @@ from ._options import (
     TrackingOptions,
 )
 from ._routes import RoutesConfig
-from .tracking import Tracking
+from .tracking import Tracking, TrackingLimits
 from .upstream import DEFAULT_METADATA_REFRESH, CircuitBreaker, suggest_key
 
 __all__ = ["resolve_options"]
@@ -241,6 +241,11 @@ def _check_tracking(options: TrackingOptions, names: Mapping[str, str]) -> Track
     if isinstance(origins, str) or not isinstance(origins, Collection):
         raise invalid_option(names["allowed_origins"], origins, "a list of origins")
     _seconds(names["token_ttl"], options.token_ttl)
+    if options.bots not in ("ignore", "track"):
+        raise invalid_option(names["bots"], options.bots, "'ignore' or 'track'")
+    if options.limits is not None and not isinstance(options.limits, TrackingLimits):
+        raise invalid_option(names["limits"], options.limits, "TrackingLimits(...) or None")
+    _seconds(names["body_timeout"], options.body_timeout)
     _boolean(names["enabled"], options.enabled)
     return options
 

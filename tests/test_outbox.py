@@ -30,6 +30,7 @@ from personalize_middleware import (
     RedisOutbox,
     SQLiteOutbox,
     Tracking,
+    TrackingLimits,
 )
 from personalize_middleware._interfaces import EventOutbox, OutboxEntry
 from personalize_middleware._models import ACTION_SHOWN, EventAction
@@ -47,6 +48,7 @@ from tests.support.redis_support import (
 )
 from tests.support.tracking_helpers import (
     API_SECRET,
+    BROWSER_USER_AGENT,
     WORKSPACE_ID,
     Delay,
     EventsStandIn,
@@ -54,6 +56,7 @@ from tests.support.tracking_helpers import (
     error,
 )
 
+BROWSER = {"user-agent": BROWSER_USER_AGENT}  # httpx's own is on the crawler list
 pytestmark = pytest.mark.anyio
 
 FAST = {"flush_interval": 0.05, "backoff_initial": 0.01, "backoff_max": 0.05}
@@ -358,10 +361,14 @@ async def test_a_beacon_is_answered_503_when_the_outbox_cannot_store_it(
 ) -> None:
     with refused_url() as url:
         outbox = RedisOutbox(url.replace("http://", "redis://"), workspace_id="ws-down")
-        tracking = Tracking(keyring=KEYRING, backend=client, outbox=outbox)
+        tracking = Tracking(
+            keyring=KEYRING, backend=client, outbox=outbox, limits=TrackingLimits.off()
+        )
         await tracking.start()
         transport = httpx.ASGITransport(app=identity_app(tracking))
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", headers=BROWSER
+        ) as http:
             response = await beacon(http, [make_token()])
             assert response.status_code == 503 and response.headers["retry-after"] == "1"
             assert tracking.stats.batcher.dropped_unstored == 1
@@ -372,11 +379,18 @@ async def test_a_beacon_is_answered_503_when_the_outbox_cannot_store_it(
 async def test_a_beacon_is_answered_only_after_its_events_are_in_the_outbox(
     tmp_path: Path, client: PersonalizeClient
 ) -> None:
-    tracking = Tracking(keyring=KEYRING, backend=client, outbox_path=tmp_path / "ev.sqlite")
+    tracking = Tracking(
+        keyring=KEYRING,
+        backend=client,
+        outbox_path=tmp_path / "ev.sqlite",
+        limits=TrackingLimits.off(),
+    )
     tracking.batcher.flush_interval = 3600  # nothing is delivered during the test
     await tracking.start()
     transport = httpx.ASGITransport(app=identity_app(tracking))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", headers=BROWSER
+    ) as http:
         tokens = [make_token(render_id=f"r{n}") for n in range(5)]
         assert (await beacon(http, tokens)).status_code == 204
         # Another connection to the file sees them at once: they were committed.

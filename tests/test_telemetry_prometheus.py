@@ -40,6 +40,8 @@ from personalize_middleware import (
     PersonalizeSettings,
     PrometheusMetrics,
     RedisSharedLayer,
+    TrackingLimits,
+    TrackingOptions,
     setup_templates,
 )
 from tests.conftest import require_tool
@@ -349,6 +351,8 @@ def tracked_site(base_url: str, registry: CollectorRegistry) -> Starlette:
         secret_key=SIGNING_KEY,
         metadata_refresh=None,
         telemetry=PrometheusMetrics(registry=registry),
+        # The tests' beacons follow their page at once: the human timing is not under test.
+        tracking=TrackingOptions(limits=TrackingLimits.off()),
     )
     return app
 

@@ -171,6 +171,10 @@ class EventBatcher(Intake, Delivery):
 
         self.stats.report = None if telemetry is None else report
 
+    def _report_depth(self) -> None:
+        if self._telemetry is not None:
+            self._telemetry.outbox_depth(self.pending)
+
     @property
     def state(self) -> Lifecycle:
         """``NEW`` until started, ``RUNNING``, ``CLOSING`` while ``aclose`` flushes, ``CLOSED``."""
@@ -264,6 +268,7 @@ class EventBatcher(Intake, Delivery):
             await self._close_durable(inflight)
         self._idle.set()
         self._state = Lifecycle.CLOSED
+        self._report_depth()
 
     def _close_memory(self, timeout: float) -> None:
         assert self._memory is not None
@@ -320,6 +325,7 @@ class EventBatcher(Intake, Delivery):
             if len(buffer) < self._refill_below:
                 await self._refill()
             if not buffer:
+                self._report_depth()
                 if self._closing:
                     return
                 self._flush_requested = False
@@ -335,6 +341,7 @@ class EventBatcher(Intake, Delivery):
             self._inflight = batch
             await self._deliver(batch)
             self._inflight = []
+            self._report_depth()
 
     async def _refill(self) -> None:
         want = self._window - len(self._buffer)
