@@ -35,6 +35,7 @@ from tests.support.redis_support import (
     new_workspace,
     redis_available,
 )
+from tests.support.tracking_helpers import BROWSER_USER_AGENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -70,7 +71,9 @@ class Worker:
             stderr=self._log,
         )
         sock.close()
-        self.client = httpx.AsyncClient(base_url=self.base, timeout=20.0)
+        self.client = httpx.AsyncClient(
+            base_url=self.base, timeout=20.0, headers={"user-agent": BROWSER_USER_AGENT}
+        )
 
     async def ready(self) -> None:
         deadline = time.monotonic() + 30

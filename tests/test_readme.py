@@ -36,11 +36,15 @@ from tests.support.processes import (
     run_until_exit,
 )
 from tests.support.readme import Block, install_command, section_blocks
+from tests.support.tracking_helpers import BROWSER_USER_AGENT
 
 SAMPLE = load_sample_file()
 #: What the sample's hero-banner shows an anonymous visitor (the "All Users" audience).
 ANONYMOUS_HERO_TITLES = ("Free shipping on orders over $50", "New arrivals are here")
 TEMPLATE_DEFAULT = "<h1>Welcome</h1>"
+
+#: A person's browser: httpx's own user agent is on the crawler list (no tracking hooks).
+BROWSER = {"user-agent": BROWSER_USER_AGENT}
 
 
 def payload_names(key: str) -> set[str]:
@@ -135,7 +139,7 @@ def test_fastapi_quick_start_runs_as_written_and_shows_a_variation(
     running_quick_start: tuple[str, ServerProcess],
 ) -> None:
     base, server = running_quick_start
-    with httpx.Client(base_url=base, timeout=10) as client:
+    with httpx.Client(base_url=base, timeout=10, headers=BROWSER) as client:
         first = client.get("/")
         assert_personalized(first)
         again = client.get("/")  # the visitor cookie keeps the variation
@@ -171,7 +175,7 @@ def test_starlette_quick_start_runs_as_written_and_shows_a_variation(tmp_path: P
     command = [python_executable(), "-m", "uvicorn", "app:app", "--port", "0"]
     with ServerProcess(command, cwd=tmp_path, env=clean_env(home=tmp_path)) as server:
         base = server.wait_until_serving()
-        assert_personalized(httpx.get(base + "/", timeout=10))
+        assert_personalized(httpx.get(base + "/", timeout=10, headers=BROWSER))
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -189,6 +193,9 @@ def test_command_line_runs_as_written(fastapi_dir: Path, argv: list[str]) -> Non
     assert argv[:3] == ["python", "-m", "personalize_middleware"]
     command = [python_executable(), *argv[1:]]
     env = clean_env(home=fastapi_dir)
+    if argv[3] in ("preview", "qa-cookie"):
+        # As the README says: the app's secret_key, from the environment.
+        env["PERSONALIZE_SECRET_KEY"] = "readme-test-signing-key-0123456789"
     if argv[3] == "serve-local":
         serve_local_answers_like_moengage([*command, "--port", "0"], fastapi_dir, env)
         return
