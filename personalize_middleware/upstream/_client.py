@@ -5,6 +5,9 @@ for its whole life: create it at application start-up, close it at shutdown. Eve
 failure and every non-2xx answer is translated into the ``APIError`` tree in one place,
 ``_translate_transport_error`` / ``_error_for_status``, where text from outside (error
 bodies, headers, httpx messages) is redacted and bounded (``_redact``).
+
+Longer than ~400 lines because the three endpoints share that one boundary with httpx
+(the overall deadline, the error translation and redaction, the telemetry of every call).
 """
 
 from __future__ import annotations
