@@ -33,9 +33,12 @@ from ._signing import Keyring
 from .cache import (
     DEFAULT_CACHE_MAXSIZE,
     DEFAULT_CACHE_TTL,
+    DEFAULT_CLIENT_LIMITS,
     DEFAULT_MAX_CONCURRENT_FETCHES,
     DEFAULT_STALE_IF_ERROR,
     DEFAULT_STALE_WHILE_REVALIDATE,
+    ClientLimiter,
+    ClientLimits,
     ExperienceStore,
 )
 from .local import ReportSource, local_report_app
@@ -81,6 +84,7 @@ class PersonalizeMiddleware:
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
         cache_maxsize: int = DEFAULT_CACHE_MAXSIZE,
         max_concurrent_fetches: int = DEFAULT_MAX_CONCURRENT_FETCHES,
+        client_limits: ClientLimits | None = DEFAULT_CLIENT_LIMITS,
         query_params: Sequence[str] = DEFAULT_QUERY_PARAMS,
         send_day_of_week: bool = True,
         send_time_of_day: bool = True,
@@ -104,6 +108,10 @@ class PersonalizeMiddleware:
         positive_number("cache_ttl", cache_ttl)
         positive_int("cache_maxsize", cache_maxsize)
         positive_int("max_concurrent_fetches", max_concurrent_fetches)
+        if client_limits is not None and not isinstance(client_limits, ClientLimits):
+            raise ConfigurationError(
+                "client_limits must be ClientLimits(...) or None", field="client_limits"
+            )
         if not tracking_prefix.startswith("/") or tracking_prefix.endswith("/"):
             raise ConfigurationError(
                 "tracking_prefix must start with '/' and not end with '/'", field="tracking_prefix"
@@ -144,6 +152,7 @@ class PersonalizeMiddleware:
             max_concurrent_fetches=max_concurrent_fetches,
             shared=shared,
             breaker=breaker,
+            limiter=ClientLimiter(client_limits) if client_limits is not None else None,
         )
         self.attributes = SessionAttributes(
             day_of_week=send_day_of_week,
@@ -305,6 +314,8 @@ class PersonalizeMiddleware:
             identity_factory=identity_factory,
             tracking=self.tracking,
             active_keys=self.metadata.active if self.metadata is not None else None,
+            # Worked out only on a miss: a cache hit never pays for it.
+            client=lambda: self.attributes.client_key(scope),
         )
         state = scope.get("state")
         if state is None:

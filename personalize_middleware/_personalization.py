@@ -13,7 +13,7 @@ from ._interfaces import TrackingHooks
 from ._models import Experience, FetchQuery, Identity
 
 if TYPE_CHECKING:
-    from .cache import ExperienceStore
+    from .cache import ClientKey, ExperienceStore
 
 __all__ = ["Personalization", "current_personalization"]
 
@@ -35,6 +35,7 @@ class Personalization:
 
     __slots__ = (
         "_active_keys",
+        "_client",
         "_deadline",
         "_futures",
         "_identity",
@@ -61,8 +62,11 @@ class Personalization:
         identity_factory: Callable[[], Awaitable[Identity]],
         tracking: TrackingHooks | None = None,
         active_keys: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
+        client: ClientKey | None = None,
     ) -> None:
         self._store = store
+        #: The requesting address for the per-client fetch limits, worked out on a miss.
+        self._client = client
         self.keys = keys
         self.attributes = attributes
         self.budget = budget
@@ -109,10 +113,10 @@ class Personalization:
             if not wanted:
                 return
         query = await self._query_for_identity()
-        found, missing = self._store.lookup(query, wanted)
+        found, missing = self._store.lookup(query, wanted, self._client)
         self._resolved.update(found)
         if missing:
-            self._futures.update(self._store.start_fetch(query, missing))
+            self._futures.update(self._store.start_fetch(query, missing, self._client))
 
     # -- reading ---------------------------------------------------------------------------
 

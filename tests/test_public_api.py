@@ -16,6 +16,7 @@ EXPECTED = [
     "BatcherStats",
     "CircuitBreaker",
     "CircuitOpenError",
+    "ClientLimits",
     "ConfigurationError",
     "EventAction",
     "EventBatcher",

@@ -11,27 +11,29 @@ behind it as L2 and coordinates processes. Entries are
 
 Keys with no match are cached as ``None``. Concurrent misses for the same
 (identity, context, key) share one upstream call: each in-flight key has one future,
-resolved (never failed) with the experience, ``None`` or the stale fallback.
+resolved (never failed) with the experience, ``None`` or the stale fallback. A new fetch
+is started only within ``max_concurrent_fetches`` and the client's limits (``_fairness``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 
 from .._exceptions import APIError, CircuitOpenError, PersonalizeError
 from .._interfaces import PersonalizeBackend, SharedLayer
 from .._logging import RateLimitedLog
 from .._models import CachedExperience, Experience, FetchQuery, Identity
 from ..upstream import CircuitBreaker
+from ._fairness import ClientKey, ClientLimiter
+from ._intern import Interner
 
 __all__ = [
     "DEFAULT_CACHE_MAXSIZE",
@@ -54,8 +56,6 @@ DEFAULT_MAX_CONTEXTS_PER_IDENTITY = 8
 #: defaults without a call. Matches the client's default pool: queueing more requests
 #: than there are connections only burns CPU in the pool while the upstream is slow.
 DEFAULT_MAX_CONCURRENT_FETCHES = 100
-#: Distinct experience answers kept for sharing between users (see ``_intern``).
-_INTERN_SIZE = 4096
 
 
 @dataclass(slots=True)
@@ -71,6 +71,7 @@ class StoreStats:
     fallbacks: int = 0
     skipped_calls: int = 0
     shed: int = 0
+    client_limited: int = 0
     interned: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -93,6 +94,7 @@ class ExperienceStore:
         max_concurrent_fetches: int = DEFAULT_MAX_CONCURRENT_FETCHES,
         shared: SharedLayer | None = None,
         breaker: CircuitBreaker | None = None,
+        limiter: ClientLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
@@ -102,9 +104,10 @@ class ExperienceStore:
         self.retention = max(self.swr_until, self.sie_until)
         self.max_contexts = max_contexts_per_identity
         self.max_concurrent_fetches = max_concurrent_fetches
-        self._interned: LRUCache[str, Experience] = LRUCache(maxsize=_INTERN_SIZE)
+        self._interner = Interner()
         self.shared = shared
         self.breaker = breaker or CircuitBreaker()
+        self.limiter = limiter
         self.clock = clock
         self.stats = StoreStats()
         self._l1: TTLCache[str, _Contexts] = TTLCache(maxsize=maxsize, ttl=self.retention)
@@ -115,7 +118,7 @@ class ExperienceStore:
     # -- reading -------------------------------------------------------------------------
 
     def lookup(
-        self, query: FetchQuery, keys: Iterable[str]
+        self, query: FetchQuery, keys: Iterable[str], client: ClientKey | None = None
     ) -> tuple[dict[str, Experience | None], list[str]]:
         """What L1 can answer now (fresh, or stale with a refresh started) and the keys
         that need a fetch. Synchronous: the cache-hit path never yields."""
@@ -146,13 +149,14 @@ class ExperienceStore:
         stats.stale_hits += len(refresh)
         stats.misses += len(missing)
         if refresh:
-            self.start_fetch(query, refresh)
+            self.start_fetch(query, refresh, client)
         return found, missing
 
     def start_fetch(
-        self, query: FetchQuery, keys: Iterable[str]
+        self, query: FetchQuery, keys: Iterable[str], client: ClientKey | None = None
     ) -> dict[str, asyncio.Future[Experience | None]]:
-        """Futures for ``keys``: joined to a fetch in flight, or one new fetch for the rest.
+        """Futures for ``keys``: joined to a fetch in flight, or one new fetch for the rest
+        (if ``client``, the requesting address, and the identity are within their limits).
 
         The fetch runs as its own task: a waiter giving up does not cancel it, and its
         late answer still fills the cache."""
@@ -170,6 +174,8 @@ class ExperienceStore:
                 futures[key] = future
         if to_fetch and len(self._tasks) >= self.max_concurrent_fetches:
             futures.update(self._shed(query, to_fetch))
+        elif to_fetch and self.limiter is not None and not self.limiter.allow(client, ident):
+            futures.update(self._shed(query, to_fetch, limited=True))
         elif to_fetch:
             loop = asyncio.get_running_loop()
             mine = {key: loop.create_future() for key in to_fetch}
@@ -182,16 +188,26 @@ class ExperienceStore:
         return futures
 
     def _shed(
-        self, query: FetchQuery, keys: list[str]
+        self, query: FetchQuery, keys: list[str], *, limited: bool = False
     ) -> dict[str, asyncio.Future[Experience | None]]:
-        """Too many fetches in flight (a slow upstream): answer from stale-if-error or with
-        the defaults at once, without a call and without caching anything."""
-        self.stats.shed += len(keys)
-        self._log.warning(
-            "shed",
-            "personalize: %d upstream fetches in flight; serving stale or defaults",
-            len(self._tasks),
-        )
+        """Too many fetches in flight (a slow upstream), or this client is over its limits:
+        answer from stale-if-error or with the defaults at once, without a call and without
+        caching anything."""
+        if limited:
+            self.stats.client_limited += len(keys)
+            self._log.warning(
+                "client-limited",
+                "personalize: a client is over its cache-miss fetch limits (client_limits; "
+                "if every visitor looks like one address, set trusted_proxies); "
+                "serving stale or defaults",
+            )
+        else:
+            self.stats.shed += len(keys)
+            self._log.warning(
+                "shed",
+                "personalize: %d upstream fetches in flight; serving stale or defaults",
+                len(self._tasks),
+            )
         stale = self._stale_entries(query, keys)
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future[Experience | None]] = {}
@@ -203,12 +219,17 @@ class ExperienceStore:
         return futures
 
     async def get(
-        self, query: FetchQuery, keys: Iterable[str], *, timeout: float | None = None
+        self,
+        query: FetchQuery,
+        keys: Iterable[str],
+        *,
+        timeout: float | None = None,
+        client: ClientKey | None = None,
     ) -> dict[str, Experience]:
         """Experiences for ``keys`` (matched ones only), waiting at most ``timeout``."""
-        found, missing = self.lookup(query, keys)
+        found, missing = self.lookup(query, keys, client)
         if missing:
-            futures = self.start_fetch(query, missing)
+            futures = self.start_fetch(query, missing, client)
             done, _ = await asyncio.wait(futures.values(), timeout=timeout)
             for key, future in futures.items():
                 if future in done:
@@ -330,40 +351,16 @@ class ExperienceStore:
             if old is None or old.fetched_at <= entry.fetched_at:
                 experience = entry.experience
                 if experience is not None:
-                    shared = self._intern(experience)
+                    # One object for identical answers (``_intern``): ~85% less memory.
+                    shared = self._interner.intern(experience)
                     if shared is not experience:
+                        self.stats.interned += 1
                         entry = CachedExperience(shared, entry.fetched_at)
                 current[key] = entry
         contexts[query.context_key] = current  # most recently used last
         while len(contexts) > self.max_contexts:
             contexts.pop(next(iter(contexts)))
         self._l1[query.identity_key] = contexts  # re-set: renews the retention timer
-
-    def _intern(self, experience: Experience) -> Experience:
-        """One object for identical answers: most users of a variation get the same
-        payload and context, and sharing it cuts the cache's memory per user by ~85%.
-        Payloads holding json objects are mutable and so never shared between users."""
-        for value in experience.payload.values():
-            if isinstance(value, dict | list):
-                return experience
-        try:
-            signature = json.dumps(
-                [
-                    experience.key,
-                    dict(experience.raw_payload),
-                    dict(experience.experience_context),
-                ],
-                sort_keys=True,
-                separators=(",", ":"),
-            )
-        except (TypeError, ValueError):
-            return experience
-        found = self._interned.get(signature)
-        if found is not None:
-            self.stats.interned += 1
-            return found
-        self._interned[signature] = experience
-        return experience
 
     # -- management ----------------------------------------------------------------------
 
