@@ -45,7 +45,7 @@ from ._personalization import Personalization, current_personalization
 from ._retry import RetryPolicy
 from ._signing import Keyring
 from ._version import __version__ as __version__
-from .cache import ExperienceStore, StoreStats
+from .cache import ClientLimits, ExperienceStore, StoreStats
 from .cache.redis import RedisSharedLayer
 from .jinja import (
     PersonalizedTemplateResponse,
@@ -82,6 +82,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "ClientClosedError",
+    "ClientLimits",
     "ConfigurationError",
     "CookieOptions",
     "Decision",

@@ -1,9 +1,29 @@
-"""In-session attributes forwarded to the Fetch Experience API."""
+"""In-session attributes forwarded to the Fetch Experience API, and who is asking.
+
+Every attribute sent is part of the cache key (``FetchQuery``): the answer may depend on
+any of them, so keying on less than is sent could serve one context's variation to another.
+What an attacker controls is therefore bounded before it is sent (docs/fair-budget.md):
+
+- a query parameter's value is sent only if it is 1-64 characters of ``A-Z a-z 0-9``,
+  space and ``. _ ~ - + | / : ,`` (after %-decoding); any other value is dropped, as if
+  the link did not carry it (truncating or replacing characters would send a value no
+  campaign uses, and could turn one campaign's value into another's);
+- the User-Agent is sent as received, cut to 512 characters, with characters outside
+  printable ASCII removed. It is not reduced to a class: MoEngage derives device
+  targeting from it, a class the cache keyed on while the full header was sent could
+  serve a variation chosen for another User-Agent, and one identity has one browser, so
+  a class would add no cache hits for real visitors.
+
+Neither bounds how MANY distinct values a client can send; the per-client fetch limits
+(``cache._fairness``) bound what that costs, keyed by ``client_key``.
+"""
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl
@@ -17,8 +37,12 @@ __all__ = ["DEFAULT_QUERY_PARAMS", "SessionAttributes"]
 DEFAULT_QUERY_PARAMS: tuple[str, ...] = ("utm_source", "utm_medium", "utm_campaign")
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _HOURS = tuple(f"{h:02d}" for h in range(24))
-_MAX_VALUE = 256
 _MAX_USER_AGENT = 512
+#: A query value worth sending: what campaign tags are made of, bounded (module docstring).
+_QUERY_VALUE = re.compile(r"[A-Za-z0-9 ._~+|/:,\-]{1,64}")
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]+")
+
+logger = logging.getLogger("personalize_middleware")
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -35,6 +59,7 @@ class SessionAttributes:
     __slots__ = (
         "_hour",
         "_hour_values",
+        "_warned_proxy",
         "clock",
         "day_of_week",
         "ip_address",
@@ -78,6 +103,7 @@ class SessionAttributes:
         self.clock = clock
         self._hour = -1
         self._hour_values = ("", "")
+        self._warned_proxy = False
 
     def _day_and_hour(self) -> tuple[str, str]:
         # Both change only on the hour (Unix time has no leap seconds), so gmtime runs
@@ -100,7 +126,9 @@ class SessionAttributes:
         if self.user_agent or (self.ip_address and self.trusted_proxies):
             user_agent, forwarded = _headers(scope)
             if self.user_agent and user_agent:
-                attrs["USER_AGENT"] = user_agent[:_MAX_USER_AGENT]
+                user_agent = _clean_user_agent(user_agent)
+                if user_agent:
+                    attrs["USER_AGENT"] = user_agent
         else:
             forwarded = None
         if self.ip_address:
@@ -123,8 +151,41 @@ class SessionAttributes:
             name = raw_name.encode("latin-1").decode("utf-8", "replace")
             if name in self.query_params and name not in attrs:
                 value = raw_value.encode("latin-1").decode("utf-8", "replace")
-                if value.isprintable():
-                    attrs[name] = value[:_MAX_VALUE]
+                if _QUERY_VALUE.fullmatch(value):
+                    attrs[name] = value
+
+    def client_key(self, scope: Scope) -> str | None:
+        """The address the per-client fetch limits count this request under (never sent);
+        ``None`` when there is none to count by.
+
+        The client IP as ``USER_IP_ADDRESS`` has it, except where that address stands for
+        many visitors at once. A trusted proxy's own address (it forwarded no client) is
+        ``None``. A peer that is neither public nor trusted, carrying ``X-Forwarded-For``,
+        is a proxy nobody listed in ``trusted_proxies``: counting by it would put every
+        visitor in one bucket, so the right-most forwarded address (the one that proxy
+        appended) counts instead, and a warning says to set ``trusted_proxies`` (forging
+        it helps only a client that can reach the app from a private network, and only to
+        escape the limit). Without that header, a loopback peer is a local proxy or tool
+        that every visitor shares, or a test client: ``None``."""
+        _, forwarded = _headers(scope)
+        ip = self._client_ip(scope, forwarded)
+        if ip is None or self._trusted(ip):
+            return None
+        client = scope.get("client")
+        if _is_public(ip) or not client or str(client[0]) != ip:
+            return ip  # a public peer, or resolved through a trusted proxy
+        candidate = forwarded.rpartition(",")[2].strip() if forwarded else ""
+        if not _is_ip(candidate):
+            return None if _is_loopback(ip) else ip
+        if not self._warned_proxy:
+            self._warned_proxy = True
+            logger.warning(
+                "personalize: requests from %s carry X-Forwarded-For, but that address is "
+                "not in trusted_proxies: USER_IP_ADDRESS is the proxy's address for every "
+                "visitor. Set trusted_proxies to the proxy's address or network.",
+                ip,
+            )
+        return candidate
 
     def client_ip(self, scope: Scope) -> str | None:
         """The client's address: the peer, or what trusted proxies forwarded for it."""
@@ -168,6 +229,22 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=4096)  # browsers repeat: the check costs more than the lookup
+def _clean_user_agent(user_agent: str) -> str:
+    if len(user_agent) <= _MAX_USER_AGENT and user_agent.isascii() and user_agent.isprintable():
+        return user_agent
+    return _NOT_PRINTABLE_ASCII.sub("", user_agent)[:_MAX_USER_AGENT]
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_public(text: str) -> bool:
+    return ipaddress.ip_address(text).is_global
+
+
+def _is_loopback(text: str) -> bool:
+    return ipaddress.ip_address(text).is_loopback
 
 
 def _headers(scope: Scope) -> tuple[str | None, str | None]:

@@ -50,7 +50,7 @@ from ._reporting import ReportingBackend
 from ._resolve import resolve_options
 from ._routes import RouteKeys
 from ._signing import Keyring
-from .cache import ExperienceStore
+from .cache import ClientLimiter, ExperienceStore
 from .devtools import DevTools
 from .local import ReportSource
 from .telemetry import connect_telemetry, observe_page
@@ -135,6 +135,9 @@ class PersonalizeMiddleware:
             max_concurrent_fetches=cache.max_concurrent_fetches,
             shared=shared,
             breaker=options.breaker,
+            limiter=(
+                ClientLimiter(options.client_limits) if options.client_limits is not None else None
+            ),
         )
         attributes = options.attributes
         self.attributes = SessionAttributes(
@@ -373,6 +376,8 @@ class PersonalizeMiddleware:
             user_agent=user_agent,
             fetch=fetch,
             observer=None if telemetry is None else observe_page(telemetry, keys, self.store),
+            # Worked out only on a miss: a cache hit never pays for it.
+            client=lambda: self.attributes.client_key(scope),
         )
         if preview is not None:
             handle.used = True  # private, no-store, Vary: Cookie, whatever the page reads

@@ -38,9 +38,11 @@ from ._routes import RoutesConfig
 from .cache import (
     DEFAULT_CACHE_MAXSIZE,
     DEFAULT_CACHE_TTL,
+    DEFAULT_CLIENT_LIMITS,
     DEFAULT_MAX_CONCURRENT_FETCHES,
     DEFAULT_STALE_IF_ERROR,
     DEFAULT_STALE_WHILE_REVALIDATE,
+    ClientLimits,
 )
 from .tracking import DEFAULT_BODY_TIMEOUT, DEFAULT_TOKEN_TTL, Tracking, TrackingLimits
 from .upstream import CircuitBreaker
@@ -179,6 +181,7 @@ class MiddlewareOptions(TypedDict, total=False):
     debug_overlay: bool | None
     server_timing: bool
     telemetry: TelemetryArg
+    client_limits: ClientLimits | None
     # The flat names of earlier releases (LEGACY_OPTIONS):
     cache_ttl: float
     stale_while_revalidate: float
@@ -252,3 +255,5 @@ class ResolvedOptions:
     server_timing: bool = False
     #: What observes the middleware: a ``Telemetry`` or a list of them (``None``: nothing).
     telemetry: TelemetryArg = None
+    #: Cache-miss fetches each client (address, identity) may start, per process.
+    client_limits: ClientLimits | None = DEFAULT_CLIENT_LIMITS

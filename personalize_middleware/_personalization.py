@@ -28,7 +28,7 @@ from ._models import CachedExperience, Experience, FetchQuery, Identity
 
 if TYPE_CHECKING:
     from ._grants import PreviewGrant
-    from .cache import ExperienceStore
+    from .cache import ClientKey, ExperienceStore
     from .telemetry import PageObserver
 
 __all__ = ["Personalization", "current_personalization"]
@@ -56,6 +56,7 @@ class Personalization:
 
     __slots__ = (
         "_active_keys",
+        "_client",
         "_deadline",
         "_fetch_off",
         "_futures",
@@ -94,8 +95,11 @@ class Personalization:
         key_status: Callable[[str], str | None] | None = None,
         devtools: PageTools | None = None,
         observer: PageObserver | None = None,
+        client: ClientKey | None = None,
     ) -> None:
         self._store = store
+        #: The requesting address for the per-client fetch limits, worked out on a miss.
+        self._client = client
         self.keys = keys
         self.attributes = attributes
         self.budget = budget
@@ -169,12 +173,12 @@ class Personalization:
             if not wanted:
                 return
         query = await self._query_for_identity()
-        found, missing = self._store.lookup(query, wanted, self._why)
+        found, missing = self._store.lookup(query, wanted, self._why, self._client)
         if self._observer is not None:
             self._observer.looked_up(query, found)
         self._resolved.update(found)
         if missing:
-            self._futures.update(self._store.start_fetch(query, missing))
+            self._futures.update(self._store.start_fetch(query, missing, self._client))
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from ._options import (
     TrackingOptions,
 )
 from ._routes import RoutesConfig
+from .cache import DEFAULT_CLIENT_LIMITS, ClientLimits
 from .tracking import Tracking, TrackingLimits
 from .upstream import DEFAULT_METADATA_REFRESH, CircuitBreaker, suggest_key
 
@@ -105,7 +106,14 @@ def resolve_options(options: Mapping[str, Any]) -> ResolvedOptions:
         debug_overlay=_flag("debug_overlay", get("debug_overlay"), optional=True),
         server_timing=_flag("server_timing", get("server_timing", False)),
         telemetry=get("telemetry"),  # checked where it is combined (telemetry/_wiring)
+        client_limits=_client_limits(get("client_limits", DEFAULT_CLIENT_LIMITS)),
     )
+
+
+def _client_limits(value: Any) -> ClientLimits | None:
+    if value is not None and not isinstance(value, ClientLimits):
+        raise invalid_option("client_limits", value, "ClientLimits(...) or None")
+    return value
 
 
 def _flag(name: str, value: Any, *, optional: bool = False) -> Any:

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -506,8 +507,10 @@ def test_any_request_is_answered_and_forwards_only_clean_attributes(
             if name in ("identifiers", "experience_key"):
                 continue
             assert isinstance(value, str), (name, value)
-            if name in QUERY_PARAMS:  # what a link can inject is printable and bounded
-                assert value.isprintable() and len(value) <= 256, (name, value)
+            if name in QUERY_PARAMS:  # what a link can inject is bounded (docs/fair-budget.md)
+                assert re.fullmatch(r"[A-Za-z0-9 ._~+|/:,-]{1,64}", value), (name, value)
+            if name == "USER_AGENT":
+                assert value.isascii() and value.isprintable() and 0 < len(value) <= 512
         if "USER_IP_ADDRESS" in body:
             ipaddress.ip_address(body["USER_IP_ADDRESS"])  # a real address, or nothing
     assert transport.violations == []

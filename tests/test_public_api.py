@@ -22,6 +22,7 @@ EXPECTED = [
     "CircuitBreaker",
     "CircuitOpenError",
     "ClientClosedError",
+    "ClientLimits",
     "ConfigurationError",
     "CookieOptions",
     "Decision",

@@ -1,4 +1,5 @@
-"""The experience store: per-user L1 cache, single-flight, shedding, stale content.
+"""The experience store: per-user L1 cache, single-flight, shedding, stale content, and
+per-client limits on cache-miss fetches (``ClientLimits``).
 
 The optional shared L2 (Redis) is ``cache.redis``; the store depends only on the
 ``SharedLayer`` protocol of ``personalize_middleware._interfaces``.
@@ -6,6 +7,7 @@ The optional shared L2 (Redis) is ``cache.redis``; the store depends only on the
 
 from __future__ import annotations
 
+from ._fairness import DEFAULT_CLIENT_LIMITS, ClientKey, ClientLimiter, ClientLimits
 from ._store import (
     DEFAULT_CACHE_MAXSIZE,
     DEFAULT_CACHE_TTL,
@@ -19,9 +21,13 @@ from ._store import (
 __all__ = [
     "DEFAULT_CACHE_MAXSIZE",
     "DEFAULT_CACHE_TTL",
+    "DEFAULT_CLIENT_LIMITS",
     "DEFAULT_MAX_CONCURRENT_FETCHES",
     "DEFAULT_STALE_IF_ERROR",
     "DEFAULT_STALE_WHILE_REVALIDATE",
+    "ClientKey",
+    "ClientLimiter",
+    "ClientLimits",
     "ExperienceStore",
     "StoreStats",
 ]

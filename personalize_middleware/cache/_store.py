@@ -17,24 +17,25 @@ stale with the failure's reason, ...); ``lookup`` reports its hits the same way.
 
 Longer than ~400 lines because reading, fetching, falling back and interning share one
 L1 structure and its invariants (ages, retention, single-flight): they read best together
-(and report to the telemetry from each).
+(and report to the telemetry from each). A new fetch is started only within
+``max_concurrent_fetches`` and the client's limits (``_fairness``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 
 from .._decisions import (
     NETWORK,
+    RATE_LIMITED,
     REVALIDATING,
     SHARED,
     SHED,
@@ -50,6 +51,8 @@ from .._interfaces import PersonalizeBackend, SharedLayer, Telemetry
 from .._logging import RateLimitedLog
 from .._models import CachedExperience, Experience, FetchQuery, Identity
 from ..upstream import CircuitBreaker
+from ._fairness import ClientKey, ClientLimiter
+from ._intern import Interner
 
 __all__ = [
     "DEFAULT_CACHE_MAXSIZE",
@@ -72,8 +75,6 @@ DEFAULT_MAX_CONTEXTS_PER_IDENTITY = 8
 #: defaults without a call. Matches the client's default pool: queueing more requests
 #: than there are connections only burns CPU in the pool while the upstream is slow.
 DEFAULT_MAX_CONCURRENT_FETCHES = 100
-#: Distinct experience answers kept for sharing between users (see ``_intern``).
-_INTERN_SIZE = 4096
 
 
 @dataclass(slots=True)
@@ -89,6 +90,7 @@ class StoreStats:
     fallbacks: int = 0
     skipped_calls: int = 0
     shed: int = 0
+    client_limited: int = 0
     interned: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -111,6 +113,7 @@ class ExperienceStore:
         max_concurrent_fetches: int = DEFAULT_MAX_CONCURRENT_FETCHES,
         shared: SharedLayer | None = None,
         breaker: CircuitBreaker | None = None,
+        limiter: ClientLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
@@ -120,9 +123,10 @@ class ExperienceStore:
         self.retention = max(self.swr_until, self.sie_until)
         self.max_contexts = max_contexts_per_identity
         self.max_concurrent_fetches = max_concurrent_fetches
-        self._interned: LRUCache[str, Experience] = LRUCache(maxsize=_INTERN_SIZE)
+        self._interner = Interner()
         self.shared = shared
         self.breaker = breaker or CircuitBreaker()
+        self.limiter = limiter
         self.clock = clock
         self.stats = StoreStats()
         #: Set by ``PersonalizeMiddleware(telemetry=...)``; ``None``: nothing reported.
@@ -141,6 +145,7 @@ class ExperienceStore:
         query: FetchQuery,
         keys: Iterable[str],
         decisions: dict[str, Decision | CachedExperience] | None = None,
+        client: ClientKey | None = None,
     ) -> tuple[dict[str, Experience | None], list[str]]:
         """What L1 can answer now (fresh, or stale with a refresh started) and the keys
         that need a fetch. Synchronous: the cache-hit path never yields.
@@ -183,13 +188,14 @@ class ExperienceStore:
             telemetry.cache_result("stale", len(refresh))
             telemetry.cache_result("miss", len(missing))
         if refresh:
-            self.start_fetch(query, refresh)
+            self.start_fetch(query, refresh, client)
         return found, missing
 
     def start_fetch(
-        self, query: FetchQuery, keys: Iterable[str]
+        self, query: FetchQuery, keys: Iterable[str], client: ClientKey | None = None
     ) -> dict[str, asyncio.Future[Experience | None]]:
-        """Futures for ``keys``: joined to a fetch in flight, or one new fetch for the rest.
+        """Futures for ``keys``: joined to a fetch in flight, or one new fetch for the rest
+        (if ``client``, the requesting address, and the identity are within their limits).
 
         The fetch runs as its own task: a waiter giving up does not cancel it, and its
         late answer still fills the cache."""
@@ -209,6 +215,8 @@ class ExperienceStore:
                 futures[key] = future
         if to_fetch and len(self._tasks) >= self.max_concurrent_fetches:
             futures.update(self._shed(query, to_fetch))
+        elif to_fetch and self.limiter is not None and not self.limiter.allow(client, ident):
+            futures.update(self._shed(query, to_fetch, limited=True))
         elif to_fetch:
             loop = asyncio.get_running_loop()
             mine: dict[str, asyncio.Future[Experience | None]] = {
@@ -223,34 +231,50 @@ class ExperienceStore:
         return futures
 
     def _shed(
-        self, query: FetchQuery, keys: list[str]
+        self, query: FetchQuery, keys: list[str], *, limited: bool = False
     ) -> dict[str, asyncio.Future[Experience | None]]:
-        """Too many fetches in flight (a slow upstream): answer from stale-if-error or with
-        the defaults at once, without a call and without caching anything."""
-        self.stats.shed += len(keys)
+        """Too many fetches in flight (a slow upstream), or this client is over its limits:
+        answer from stale-if-error or with the defaults at once, without a call and without
+        caching anything."""
         if self.telemetry is not None:
             self.telemetry.cache_result("shed", len(keys))
-        self._log.warning(
-            "shed",
-            "personalize: %d upstream fetches in flight; serving stale or defaults",
-            len(self._tasks),
-        )
+        if limited:
+            self.stats.client_limited += len(keys)
+            self._log.warning(
+                "client-limited",
+                "personalize: a client is over its cache-miss fetch limits (client_limits; "
+                "if every visitor looks like one address, set trusted_proxies); "
+                "serving stale or defaults",
+            )
+        else:
+            self.stats.shed += len(keys)
+            self._log.warning(
+                "shed",
+                "personalize: %d upstream fetches in flight; serving stale or defaults",
+                len(self._tasks),
+            )
         stale = self._stale_entries(query, keys)
         loop = asyncio.get_running_loop()
         now = self.clock()
         futures: dict[str, asyncio.Future[Experience | None]] = {}
         for key in keys:
             future = futures[key] = DecidedFuture(loop=loop)
-            settle(future, stale.get(key), source=STALE, reason=SHED, now=now)
+            reason = RATE_LIMITED if limited else SHED
+            settle(future, stale.get(key), source=STALE, reason=reason, now=now)
         return futures
 
     async def get(
-        self, query: FetchQuery, keys: Iterable[str], *, timeout: float | None = None
+        self,
+        query: FetchQuery,
+        keys: Iterable[str],
+        *,
+        timeout: float | None = None,
+        client: ClientKey | None = None,
     ) -> dict[str, Experience]:
         """Experiences for ``keys`` (matched ones only), waiting at most ``timeout``."""
-        found, missing = self.lookup(query, keys)
+        found, missing = self.lookup(query, keys, client=client)
         if missing:
-            futures = self.start_fetch(query, missing)
+            futures = self.start_fetch(query, missing, client)
             done, _ = await asyncio.wait(futures.values(), timeout=timeout)
             for key, future in futures.items():
                 if future in done:
@@ -399,40 +423,16 @@ class ExperienceStore:
             if old is None or old.fetched_at <= entry.fetched_at:
                 experience = entry.experience
                 if experience is not None:
-                    shared = self._intern(experience)
+                    # One object for identical answers (``_intern``): ~85% less memory.
+                    shared = self._interner.intern(experience)
                     if shared is not experience:
+                        self.stats.interned += 1
                         entry = CachedExperience(shared, entry.fetched_at)
                 current[key] = entry
         contexts[query.context_key] = current  # most recently used last
         while len(contexts) > self.max_contexts:
             contexts.pop(next(iter(contexts)))
         self._l1[query.identity_key] = contexts  # re-set: renews the retention timer
-
-    def _intern(self, experience: Experience) -> Experience:
-        """One object for identical answers: most users of a variation get the same
-        payload and context, and sharing it cuts the cache's memory per user by ~85%.
-        Payloads holding json objects are mutable and so never shared between users."""
-        for value in experience.payload.values():
-            if isinstance(value, dict | list):
-                return experience
-        try:
-            signature = json.dumps(
-                [
-                    experience.key,
-                    dict(experience.raw_payload),
-                    dict(experience.experience_context),
-                ],
-                sort_keys=True,
-                separators=(",", ":"),
-            )
-        except (TypeError, ValueError):
-            return experience
-        found = self._interned.get(signature)
-        if found is not None:
-            self.stats.interned += 1
-            return found
-        self._interned[signature] = experience
-        return experience
 
     def ages(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, float]:
         """Seconds since L1's entries for ``keys`` were fetched (keys without one left out)."""
