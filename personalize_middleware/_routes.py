@@ -170,12 +170,15 @@ _DOT = _BYTE[ord(".")]
 _CONTINUATION = _byte_class(range(0x80, 0xC0))
 
 
-def _uuid_steps() -> tuple[Step, ...]:
+def _uuid_steps(*, dash: int = 1, hex_class: bytes | None = None) -> tuple[Step, ...]:
+    """The uuid convertor: five groups of hex digits, the dashes optional and either case
+    (current Starlette), or required and lower case (older releases: ``dash=_EXACTLY``)."""
+    digits = _HEX if hex_class is None else hex_class
     steps: list[Step] = []
     for i, width in enumerate((8, 4, 4, 4, 12)):
         if i:
-            steps.append((_OPTIONAL, _BYTE[ord("-")], 1))
-        steps.append((_EXACTLY, _HEX, width))
+            steps.append((dash, _BYTE[ord("-")], 1))
+        steps.append((_EXACTLY, digits, width))
     return tuple(steps)
 
 
@@ -198,6 +201,10 @@ _CONVERTOR_STEPS: dict[str, tuple[Step, ...]] = {
     r"[0-9]+(\.[0-9]+)?": ((_SOME, _DIGIT, 1), (_DECIMALS, _DIGIT, 1)),
     "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}": (
         _uuid_steps()
+    ),
+    # Older Starlette releases (the lowest this package supports is 0.40).
+    "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}": (
+        _uuid_steps(dash=_EXACTLY, hex_class=_byte_class(b"0123456789abcdef"))
     ),
 }
 

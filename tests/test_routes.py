@@ -48,6 +48,9 @@ def starlette_matches(pattern: str, path: str) -> bool:
 
 # -- the same answers as Starlette ------------------------------------------------------
 
+#: Whether the installed Starlette's uuid convertor takes dashless / upper-case uuids.
+NEW_UUIDS = "-?" in CONVERTOR_TYPES["uuid"].regex
+
 
 @pytest.mark.parametrize(
     ("pattern", "path", "expected"),
@@ -69,9 +72,9 @@ def starlette_matches(pattern: str, path: str) -> bool:
         ("/v/{x:float}", "/v/1.", False),
         ("/v/{x:float}", "/v/.5", False),
         ("/o/{id:uuid}", f"/o/{UUID}", True),
-        ("/o/{id:uuid}", f"/o/{UUID.replace('-', '')}", True),
+        ("/o/{id:uuid}", f"/o/{UUID.replace('-', '')}", NEW_UUIDS),
         ("/o/{id:uuid}", f"/o/{UUID[:-1]}", False),
-        ("/o/{id:uuid}", f"/o/{UUID.upper()}", True),
+        ("/o/{id:uuid}", f"/o/{UUID.upper()}", NEW_UUIDS),
         ("/files/{name}.{ext}", "/files/a.b.c", True),
         ("/files/{name}.{ext}", "/files/abc", False),
         ("/{a}{b}", "/é", False),  # two parameters need two characters, not two bytes
@@ -91,6 +94,8 @@ def starlette_matches(pattern: str, path: str) -> bool:
     ],
 )
 def test_matches_like_starlette(pattern: str, path: str, expected: bool) -> None:
+    # (NEW_UUIDS: Starlette's uuid convertor takes dashless and upper-case uuids only in
+    # its newer releases; .ci/floors runs these tests on the oldest supported one.)
     assert starlette_matches(pattern, path) is expected
     assert matches(pattern, path) is expected
 
