@@ -12,9 +12,11 @@ from typing import Literal
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._campaigns import CampaignSync
 from ._config import PersonalizeSettings, positive_int, positive_number
 from ._context import DEFAULT_QUERY_PARAMS, SessionAttributes
 from ._exceptions import ConfigurationError
+from ._fork import abandon, register
 from ._headers import make_private
 from ._identity import (
     DEFAULT_VISITOR_COOKIE,
@@ -199,6 +201,8 @@ class PersonalizeMiddleware:
         self._state = Lifecycle.NEW
         self._start_lock: asyncio.Lock | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._campaigns = CampaignSync(self.store, self.metadata)
+        register(self)  # nothing above made a task or a socket; startup() does, per process
 
     @property
     def configured_keys(self) -> tuple[str, ...]:
@@ -244,6 +248,15 @@ class PersonalizeMiddleware:
                 "local" if self.local_mode else type(self.backend).__name__,
                 len(self.routes.configured_keys),
             )
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: NEW, to start its own tasks (components reset, ``_fork``)."""
+        abandon(self._exit_stack)
+        self._exit_stack, self._start_lock, self._state = None, None, Lifecycle.NEW
+
+    async def refresh(self, keys: Sequence[str] = ()) -> int:
+        """All processes re-read statuses, forget ``keys``; returns how many heard it."""
+        return await self._campaigns.refresh(keys)
 
     async def shutdown(self) -> None:
         """Flush pending events, stop refreshers, close what the middleware owns (in the

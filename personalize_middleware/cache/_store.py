@@ -12,68 +12,45 @@ behind it as L2 and coordinates processes. Entries are
 Keys with no match are cached as ``None``. Concurrent misses for the same
 (identity, context, key) share one upstream call: each in-flight key has one future,
 resolved (never failed) with the experience, ``None`` or the stale fallback.
+
+A late answer cannot undo an invalidation: the identity's fetches in flight write nothing
+to L1 afterwards (``_flights.py``), nor to L2, where the fetch carries the generation it
+began under and the layer writes only under it. ``forget(keys)`` makes every entry of
+those keys fetched before now a miss (a campaign paused or changed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 
 from .._exceptions import APIError, CircuitOpenError, PersonalizeError
-from .._interfaces import PersonalizeBackend, SharedLayer
+from .._fork import abandon, register
+from .._interfaces import Broadcaster, PersonalizeBackend, SharedLayer
 from .._logging import RateLimitedLog
-from .._models import CachedExperience, Experience, FetchQuery, Identity
+from .._models import CachedExperience, Experience, FetchQuery, Identity, identity_hash
 from ..upstream import CircuitBreaker
+from ._flights import Flight, Flights
+from ._intern import Interner
+from ._stats import (
+    DEFAULT_CACHE_MAXSIZE,
+    DEFAULT_CACHE_TTL,
+    DEFAULT_MAX_CONCURRENT_FETCHES,
+    DEFAULT_MAX_CONTEXTS_PER_IDENTITY,
+    DEFAULT_STALE_IF_ERROR,
+    DEFAULT_STALE_WHILE_REVALIDATE,
+    StoreStats,
+)
 
-__all__ = [
-    "DEFAULT_CACHE_MAXSIZE",
-    "DEFAULT_CACHE_TTL",
-    "DEFAULT_MAX_CONCURRENT_FETCHES",
-    "DEFAULT_STALE_IF_ERROR",
-    "DEFAULT_STALE_WHILE_REVALIDATE",
-    "ExperienceStore",
-    "StoreStats",
-]
+__all__ = ["ExperienceStore"]
 
 logger = logging.getLogger("personalize_middleware.store")
-
-DEFAULT_CACHE_TTL = 60.0
-DEFAULT_STALE_WHILE_REVALIDATE = 300.0
-DEFAULT_STALE_IF_ERROR = 3600.0
-DEFAULT_CACHE_MAXSIZE = 100_000
-DEFAULT_MAX_CONTEXTS_PER_IDENTITY = 8
-#: Upstream fetches in flight per process; beyond it a miss renders stale content or the
-#: defaults without a call. Matches the client's default pool: queueing more requests
-#: than there are connections only burns CPU in the pool while the upstream is slow.
-DEFAULT_MAX_CONCURRENT_FETCHES = 100
-#: Distinct experience answers kept for sharing between users (see ``_intern``).
-_INTERN_SIZE = 4096
-
-
-@dataclass(slots=True)
-class StoreStats:
-    """Counters, readable by the app (``middleware.store.stats``)."""
-
-    hits: int = 0
-    stale_hits: int = 0
-    misses: int = 0
-    coalesced: int = 0
-    upstream_calls: int = 0
-    upstream_failures: int = 0
-    fallbacks: int = 0
-    skipped_calls: int = 0
-    shed: int = 0
-    interned: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
 
 _Contexts = dict[tuple[tuple[str, str], ...], dict[str, CachedExperience]]
 
@@ -102,15 +79,20 @@ class ExperienceStore:
         self.retention = max(self.swr_until, self.sie_until)
         self.max_contexts = max_contexts_per_identity
         self.max_concurrent_fetches = max_concurrent_fetches
-        self._interned: LRUCache[str, Experience] = LRUCache(maxsize=_INTERN_SIZE)
+        self._intern = Interner()
         self.shared = shared
         self.breaker = breaker or CircuitBreaker()
         self.clock = clock
         self.stats = StoreStats()
+        # By identity digest: a broadcast invalidation names only that (no personal data).
         self._l1: TTLCache[str, _Contexts] = TTLCache(maxsize=maxsize, ttl=self.retention)
-        self._inflight: dict[tuple[str, Any, str], asyncio.Future[Experience | None]] = {}
+        self._flights = Flights()
+        self._forgotten: dict[str, float] = {}  # key -> entries fetched before are misses
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = RateLimitedLog(logger)
+        if isinstance(shared, Broadcaster):
+            shared.add_listener(self._on_broadcast)
+        register(self)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -124,13 +106,14 @@ class ExperienceStore:
         refresh: list[str] = []
         try:
             # Indexing rather than TTLCache.get, which checks the entry twice (4x slower).
-            entries = self._l1[query.identity_key].get(query.context_key)
+            entries = self._l1[query.identity_hash].get(query.context_key)
         except KeyError:
             entries = None
         now = self.clock()
+        forgotten = self._forgotten
         for key in keys:
             entry = entries.get(key) if entries is not None else None
-            if entry is None:
+            if entry is None or (forgotten and entry.fetched_at < forgotten.get(key, -1.0)):
                 missing.append(key)
                 continue
             age = now - entry.fetched_at
@@ -158,11 +141,10 @@ class ExperienceStore:
         late answer still fills the cache."""
         futures: dict[str, asyncio.Future[Experience | None]] = {}
         to_fetch: list[str] = []
-        ident, ctx = query.identity_key, query.context_key
         for key in keys:
             if key in futures:
                 continue
-            future = self._inflight.get((ident, ctx, key))
+            future = self._flights.future(query, key)
             if future is None:
                 to_fetch.append(key)
             else:
@@ -173,10 +155,10 @@ class ExperienceStore:
         elif to_fetch:
             loop = asyncio.get_running_loop()
             mine = {key: loop.create_future() for key in to_fetch}
-            for key, future in mine.items():
-                self._inflight[(ident, ctx, key)] = future
             futures.update(mine)
-            task = loop.create_task(self._run_fetch(query, mine))
+            flight = Flight(query, mine)
+            self._flights.add(flight)
+            task = loop.create_task(self._run_fetch(flight))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return futures
@@ -217,44 +199,56 @@ class ExperienceStore:
 
     # -- fetching ------------------------------------------------------------------------
 
-    async def _run_fetch(
-        self, query: FetchQuery, futures: dict[str, asyncio.Future[Experience | None]]
-    ) -> None:
+    async def _run_fetch(self, flight: Flight) -> None:
+        query, futures = flight.query, flight.futures
         keys = list(futures)
         entries: dict[str, CachedExperience] = {}
         try:
-            entries = await self._load(query, keys)
+            entries = await self._load(flight, keys)
         except (PersonalizeError, Exception) as exc:  # never let a fetch error escape
             entries = self._fallback(query, keys, exc)
         finally:
             # Also on cancellation (shutdown): waiters get the defaults, never hang.
+            self._flights.finish(flight)
             for key, future in futures.items():
-                self._inflight.pop((query.identity_key, query.context_key, key), None)
                 if not future.done():
                     entry = entries.get(key)
                     future.set_result(entry.experience if entry is not None else None)
 
-    async def _load(self, query: FetchQuery, keys: list[str]) -> dict[str, CachedExperience]:
+    async def _load(self, flight: Flight, keys: list[str]) -> dict[str, CachedExperience]:
+        query = flight.query
         result: dict[str, CachedExperience] = {}
         remaining = keys
-        if self.shared is not None:
-            from_l2 = await self.shared.get(query, keys)
+        shared = self.shared
+        since: dict[str, str] = {}  # the L2 generation the fetch began under, if any
+        if shared is not None:
+            from_l2 = self._unforgotten(await shared.get(query, keys))
+            if (generation := getattr(from_l2, "generation", None)) is not None:
+                since["generation"] = generation
             now = self.clock()
-            if from_l2:
+            if from_l2 and not flight.invalidated:
                 self._remember(query, from_l2)  # stale ones still serve as fallback
             result = {k: e for k, e in from_l2.items() if now - e.fetched_at < self.ttl}
             remaining = [k for k in keys if k not in result]
             if not remaining:
                 return result
-        fetched = await self._call_upstream(query, remaining)
-        self._remember(query, fetched)
+        fetched = await self._call_upstream(query, remaining, since)
+        if not flight.invalidated:
+            self._remember(query, fetched)
         result.update(fetched)
-        if self.shared is not None:
-            await self.shared.set(query, fetched, self.retention)
+        if shared is not None:
+            await shared.set(query, fetched, self.retention, **since)
         return result
 
+    def _unforgotten(self, entries: dict[str, CachedExperience]) -> dict[str, CachedExperience]:
+        """``entries`` less those of forgotten keys fetched before they were forgotten."""
+        forgotten = self._forgotten
+        for key in [k for k, e in entries.items() if e.fetched_at < forgotten.get(k, -1.0)]:
+            del entries[key]
+        return entries
+
     async def _call_upstream(
-        self, query: FetchQuery, keys: list[str]
+        self, query: FetchQuery, keys: list[str], since: Mapping[str, str]
     ) -> dict[str, CachedExperience]:
         async def fetch() -> dict[str, CachedExperience]:
             self.breaker.before_call()
@@ -274,9 +268,9 @@ class ExperienceStore:
             now = self.clock()
             return {key: CachedExperience(answer.get(key), now) for key in keys}
 
-        if self.shared is not None:
-            return await self.shared.coordinate(query, keys, fetch)
-        return await fetch()
+        if self.shared is None:
+            return await fetch()
+        return await self.shared.coordinate(query, keys, fetch, **since)
 
     def _fallback(
         self, query: FetchQuery, keys: list[str], exc: BaseException
@@ -307,21 +301,24 @@ class ExperienceStore:
         return {k: e.experience for k, e in self._stale_entries(query, keys).items()}
 
     def _stale_entries(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, CachedExperience]:
-        contexts = self._l1.get(query.identity_key)
+        contexts = self._l1.get(query.identity_hash)
         entries = contexts.get(query.context_key) if contexts is not None else None
         if not entries:
             return {}
         now = self.clock()
+        forgotten = self._forgotten
         stale = {
             k: e
             for k in keys
-            if (e := entries.get(k)) is not None and now - e.fetched_at < self.sie_until
+            if (e := entries.get(k)) is not None
+            and now - e.fetched_at < self.sie_until
+            and e.fetched_at >= forgotten.get(k, -1.0)
         }
         self.stats.fallbacks += len(stale)
         return stale
 
     def _remember(self, query: FetchQuery, entries: Mapping[str, CachedExperience]) -> None:
-        contexts = self._l1.get(query.identity_key)
+        contexts = self._l1.get(query.identity_hash)
         if contexts is None:
             contexts = {}
         current = contexts.pop(query.context_key, None) or {}
@@ -332,49 +329,59 @@ class ExperienceStore:
                 if experience is not None:
                     shared = self._intern(experience)
                     if shared is not experience:
+                        self.stats.interned += 1
                         entry = CachedExperience(shared, entry.fetched_at)
                 current[key] = entry
         contexts[query.context_key] = current  # most recently used last
         while len(contexts) > self.max_contexts:
             contexts.pop(next(iter(contexts)))
-        self._l1[query.identity_key] = contexts  # re-set: renews the retention timer
-
-    def _intern(self, experience: Experience) -> Experience:
-        """One object for identical answers: most users of a variation get the same
-        payload and context, and sharing it cuts the cache's memory per user by ~85%.
-        Payloads holding json objects are mutable and so never shared between users."""
-        for value in experience.payload.values():
-            if isinstance(value, dict | list):
-                return experience
-        try:
-            signature = json.dumps(
-                [
-                    experience.key,
-                    dict(experience.raw_payload),
-                    dict(experience.experience_context),
-                ],
-                sort_keys=True,
-                separators=(",", ":"),
-            )
-        except (TypeError, ValueError):
-            return experience
-        found = self._interned.get(signature)
-        if found is not None:
-            self.stats.interned += 1
-            return found
-        self._interned[signature] = experience
-        return experience
+        self._l1[query.identity_hash] = contexts  # re-set: renews the retention timer
 
     # -- management ----------------------------------------------------------------------
 
     async def invalidate(self, identity: Identity) -> None:
-        """Forget everything cached for ``identity`` (login, logout, profile change)."""
-        self._l1.pop(identity.cache_key, None)
+        """Forget everything cached for ``identity`` (login, logout, profile change), in
+        this process and in L2. A fetch for it already in flight, here or in another
+        process, writes nothing afterwards."""
+        digest = identity_hash(identity)
+        self.drop_identity(digest)
         if self.shared is not None:
             await self.shared.invalidate(identity)
+            # A fetch begun while L2 was being invalidated may have read the old entries.
+            self.drop_identity(digest)
+
+    def drop_identity(self, digest: str) -> None:
+        """Forget the identity with this digest in L1, and detach its fetches in flight
+        (they complete for their waiters but write nothing). Used by ``invalidate`` and
+        for an invalidation another process broadcast."""
+        self._l1.pop(digest, None)
+        self._flights.detach(digest)
+
+    def _on_broadcast(self, message: Mapping[str, Any]) -> None:
+        """Another process invalidated an identity, or says campaigns changed."""
+        kind = message.get("kind")
+        if kind == "invalidate" and isinstance(digest := message.get("id"), str):
+            self.drop_identity(digest)
+        elif kind == "refresh" and isinstance(keys := message.get("keys"), list):
+            self.forget(k for k in keys if isinstance(k, str))
+
+    def forget(self, keys: Iterable[str], at: float | None = None) -> None:
+        """Treat every entry of ``keys`` fetched before ``at`` (now) as absent, in L1 and
+        when read from L2: the campaign was paused or changed. O(1): entries are checked
+        when read, not searched for."""
+        at = self.clock() if at is None else at
+        for key in keys:
+            self._forgotten[key] = max(at, self._forgotten.get(key, at))
 
     def __len__(self) -> int:
         return len(self._l1)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: fetches in flight and their futures are the parent's event
+        loop's; the child starts with none (cached entries are plain data and stay)."""
+        abandon((self._tasks, self._flights))
+        self._tasks = set()
+        self._flights = Flights()
 
     async def start(self) -> None:
         if self.shared is not None:

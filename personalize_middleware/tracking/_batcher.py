@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from .._config import positive_number
 from .._exceptions import APIError, AuthenticationError, BadRequestError, ConfigurationError
+from .._fork import abandon, register
 from .._interfaces import PersonalizeBackend
 from .._lifecycle import Lifecycle
 from .._logging import RateLimitedLog
@@ -159,6 +160,7 @@ class EventBatcher:
         self._task: asyncio.Task[None] | None = None
         self._state = Lifecycle.NEW
         self._log = RateLimitedLog(logger)
+        register(self)
 
     def __repr__(self) -> str:
         return f"EventBatcher(pending={self.pending}, stats={self.stats})"
@@ -258,6 +260,21 @@ class EventBatcher:
         self._inflight = 0
         self._idle.set()
         self._state = Lifecycle.CLOSED
+
+    def reset_after_fork(self) -> None:
+        """In a forked child (``_fork``): the sender task and its events are the parent's
+        loop's and never run here; the child starts its own. Events the parent queued are
+        the parent's to deliver: sending them from every child too would duplicate them."""
+        if self._task is None and not self._queue:
+            return
+        abandon((self._task, self._wake, self._stop, self._idle))
+        self._task = None
+        self._queue.clear()
+        self._inflight = 0
+        self._wake, self._stop, self._idle = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        self._closing = self._closed = False
+        self._state = Lifecycle.NEW
 
     # -- the sender --------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from ..._exceptions import ConfigurationError
 from ..._logging import RateLimitedLog
+from ._urls import build_client, parse_redis_url
 
 __all__ = [
     "DEFAULT_OP_TIMEOUT",
@@ -60,6 +61,7 @@ class RedisStats:
     l2_malformed: int = 0
     l2_oversize: int = 0
     l2_errors: int = 0
+    l2_stale_writes: int = 0
     lease_acquired: int = 0
     lease_waits: int = 0
     lease_served: int = 0
@@ -105,7 +107,8 @@ class RedisConnection:
     """A lazily created ``redis.asyncio`` client behind ``run()``.
 
     ``on_connect(client)`` runs when the client is created (register scripts there);
-    ``on_recovered()`` when a call succeeds after an outage.
+    ``on_recovered()`` when a call succeeds after an outage. ``url`` is any form
+    ``_urls.py`` knows: one Redis, a Cluster, or a Sentinel-managed primary.
     """
 
     def __init__(
@@ -118,7 +121,8 @@ class RedisConnection:
         on_connect: Callable[[Any], None] = lambda client: None,
         on_recovered: Callable[[], None] = lambda: None,
     ) -> None:
-        self._redis = import_redis()  # fail at configuration time, not on a request
+        self.target = parse_redis_url(url)  # a bad URL fails here, not on a request
+        self._redis = import_redis()
         self.url = url
         self.stats = stats
         self.op_timeout = op_timeout
@@ -128,6 +132,7 @@ class RedisConnection:
         self._client: Any = None
         self._errors: tuple[type[BaseException], ...] = (
             self._redis.RedisError,
+            importlib.import_module("redis.exceptions").RedisClusterException,
             OSError,
             TimeoutError,
         )
@@ -156,8 +161,9 @@ class RedisConnection:
         if self._client is None:
             retry = importlib.import_module("redis.asyncio.retry")
             backoff = importlib.import_module("redis.backoff")
-            self._client = self._redis.Redis.from_url(
-                self.url,
+            self._client = build_client(
+                self._redis,
+                self.target,
                 socket_connect_timeout=self.op_timeout,
                 socket_timeout=self.op_timeout * 2,
                 # No hidden retries: one timeout is the whole budget, then we degrade.
@@ -212,6 +218,15 @@ class RedisConnection:
             backoff,
         )
         return True
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: drop the parent's client without touching its sockets (they
+        are the parent's; closing them here could cut the parent off). The next call
+        connects anew, from this process."""
+        self._client = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._failing_since = None
 
     async def aclose(self) -> None:
         self._closed = True
