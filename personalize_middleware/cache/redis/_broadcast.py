@@ -26,6 +26,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..._fork import abandon
 from ..._logging import RateLimitedLog
 from ._connection import RedisConnection, Unavailable
 from ._keys import KeyNames
@@ -57,6 +58,7 @@ class Broadcast:
         self.process_id = secrets.token_hex(8)
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
         self._version: int | None = None
         self.received = 0
         self.missed = 0
@@ -98,37 +100,42 @@ class Broadcast:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._drop_subscription()
 
     def reset_after_fork(self) -> None:
-        self._task = None  # the parent's loop's: never runs here
+        abandon((self._task, self._pubsub))  # the parent's loop's: never runs here
+        self._task = self._pubsub = None
         self._version = None
         self.process_id = secrets.token_hex(8)
 
     async def _listen(self) -> None:
         failures = 0
         while True:
-            pubsub: Any = None
             try:
                 client = self._conn.client()
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                self._pubsub = pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self._names.channel)
                 await self._poll_version()
                 failures = 0
                 await self._pump(pubsub)
             except asyncio.CancelledError:
-                raise
+                raise  # aclose() closes the subscription once this task is done
             except Unavailable:
                 pass  # an outage: the connection logs it
             except Exception as exc:  # Redis went away: listen again after a pause
                 self._log.warning(
                     "broadcast", "personalize: Redis broadcast channel lost (%s); retrying", exc
                 )
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+            await self._drop_subscription()
             await asyncio.sleep(_RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)])
             failures += 1
+
+    async def _drop_subscription(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await pubsub.aclose()
 
     async def _pump(self, pubsub: Any) -> None:
         loop = asyncio.get_running_loop()
