@@ -26,9 +26,10 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..._exceptions import PersonalizeError
 from ..._fork import abandon
 from ..._logging import RateLimitedLog
-from ._connection import RedisConnection, Unavailable
+from ._connection import RedisConnection, Unavailable, mask_url
 from ._keys import KeyNames
 
 __all__ = ["DEFAULT_POLL_INTERVAL", "Broadcast", "Listener"]
@@ -70,9 +71,10 @@ class Broadcast:
     def message(self, kind: str, **fields: Any) -> str:
         return json.dumps({"kind": kind, "from": self.process_id, **fields})
 
-    async def publish_refresh(self, keys: list[str] | None = None) -> int:
+    async def publish_refresh(self, keys: list[str] | None = None, *, strict: bool = False) -> int:
         """Tell every process to refresh (``keys``: their content changed, forget them
-        too). Returns how many processes were listening (0 when Redis is unusable)."""
+        too). Returns how many processes were listening (0 when Redis is unusable, or
+        ``strict``: a ``PersonalizeError``)."""
         names = self._names
 
         async def send(client: Any) -> Any:
@@ -83,7 +85,11 @@ class Broadcast:
 
         try:
             return int(await self._conn.run("broadcast", send))
-        except Unavailable:
+        except Unavailable as exc:
+            if strict:
+                raise PersonalizeError(
+                    f"Redis at {mask_url(self._conn.url)} did not take the refresh"
+                ) from exc
             return 0
 
     # -- listening -----------------------------------------------------------------------

@@ -395,6 +395,6 @@ class RedisSharedLayer:
         """Call ``listener(message)`` for each message another process broadcasts."""
         self.broadcast.add_listener(listener)
 
-    async def publish_refresh(self, keys: list[str] | None = None) -> int:
+    async def publish_refresh(self, keys: list[str] | None = None, *, strict: bool = False) -> int:
         """Tell every process to refresh its experience metadata (and forget ``keys``)."""
-        return await self.broadcast.publish_refresh(keys)
+        return await self.broadcast.publish_refresh(keys, strict=strict)
