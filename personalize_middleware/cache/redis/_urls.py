@@ -43,7 +43,7 @@ class RedisTarget:
     """Where ``redis_url`` points: ``kind`` is ``"single"``, ``"cluster"`` or ``"sentinel"``."""
 
     kind: str
-    url: str
+    url: str = field(repr=False)  # may hold a password
     nodes: tuple[tuple[str, int], ...] = ()
     service: str = ""
     db: int = 0
