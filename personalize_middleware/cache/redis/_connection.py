@@ -172,11 +172,14 @@ class RedisConnection:
             self._on_connect(self._client)
         return self._client
 
-    async def run(self, what: str, op: Callable[[Any], Awaitable[_T]]) -> _T:
-        """``op(client)`` under the timeout; any failure becomes ``Unavailable``."""
+    async def run(
+        self, what: str, op: Callable[[Any], Awaitable[_T]], timeout: float | None = None
+    ) -> _T:
+        """``op(client)`` under the timeout (``op_timeout`` unless given); any failure
+        becomes ``Unavailable``."""
         client = self.client()
         try:
-            async with asyncio.timeout(self.op_timeout):
+            async with asyncio.timeout(timeout or self.op_timeout):
                 result = await op(client)
         except self._refusals as exc:
             self.stats.l2_errors += 1

@@ -85,9 +85,8 @@ _UNKNOWN_GENERATION = "?"
 class RedisSharedLayer:
     """A Redis-backed ``SharedLayer``: shared cache, single-flight and rate budget.
 
-    ``url`` is one Redis (``redis://``, ``rediss://``, ``unix://``), a Redis Cluster
-    (``redis+cluster://``) or a Sentinel-managed primary (``redis+sentinel://``): see
-    ``_urls.py``. ``rate_limit_per_minute`` is the budget per ``rate_limit_window`` seconds
+    ``url``: one Redis, a Cluster or a Sentinel primary (``_urls.py``).
+    ``rate_limit_per_minute`` is the budget per ``rate_limit_window`` seconds
     (60 unless changed) for every process using this workspace; ``None`` turns the limiter
     off. ``rate_limit_margin`` (default window / 30) widens the counted window to absorb
     network jitter; ``min_processes`` is the fewest processes a process assumes when
@@ -96,8 +95,7 @@ class RedisSharedLayer:
     every Redis call; timeouts lasting less than ``stall_tolerance`` are a stall (the
     fetch is skipped rather than made without checking the budget), longer ones an outage.
     ``poll_interval`` bounds how late a process hears of a refresh it missed on pub/sub.
-    Build it from settings with ``from_settings``.
-    """
+    Build it from settings with ``from_settings``."""
 
     def __init__(
         self,
@@ -278,8 +276,10 @@ class RedisSharedLayer:
 
     async def start(self) -> None:
         """Connect, check Redis, listen to the other processes; never raises."""
+        # A Cluster client first learns every node's slots: more than one op's time.
+        timeout = max(self.op_timeout, 1.0) if self._conn.target.kind == "cluster" else None
         with contextlib.suppress(Unavailable):
-            await self._conn.run("start", lambda c: c.ping())
+            await self._conn.run("start", lambda c: c.ping(), timeout)
         self.broadcast.start()
 
     async def aclose(self) -> None:
