@@ -419,6 +419,18 @@ def test_local_share_divides_the_budget_by_the_processes_seen() -> None:
     assert share.share == 1  # never zero: a process may always make some progress
 
 
+def test_local_share_counts_its_part_of_the_other_processes_grants() -> None:
+    # Redis said: 4 processes, 40 grants in the window, 2 of them this process's. During
+    # an outage this process may then make 15 - 2 - 38/4 = 3 more, not 13.
+    share = LocalShare(budget=60, window=60.0)
+    share.record(2, processes=4, used=40)
+    waits = [share.try_take(1) for _ in range(4)]
+    assert waits[:3] == [0.0, 0.0, 0.0] and waits[3] > 0
+    # Its outage calls go to the shared log on the next grant, and for one window after
+    # that a call must still fit the share (others' outage calls may not be logged yet).
+    assert len(share.unsynced()) == 3 and share.recovering
+
+
 # -- configuration ---------------------------------------------------------------------
 
 

@@ -64,6 +64,7 @@ class Standin:
         self._times: list[float] = []
         self._customers: Counter[str] = Counter()
         self.rejected = 0
+        self.rejections: list[float] = []
         self.app = Starlette(
             routes=[
                 Route("/experiences/fetch", self._fetch, methods=["POST"]),
@@ -95,6 +96,7 @@ class Standin:
                 recent = sum(1 for t in self._times if t > now - self.window)
                 if recent >= self.budget:
                     self.rejected += 1
+                    self.rejections.append(now)
                     return JSONResponse(
                         {"title": "Too Many Requests", "description": "rate limit"},
                         status_code=429,

@@ -114,6 +114,9 @@ class SharedBudget:
         if limiter is None or share is None:
             return
         cost = call_cost(keys)
+        if share.recovering and (wait := share.fits(cost)) > 0:
+            self.stats.rate_limited += 1  # others' outage calls may not be in the log yet
+            raise self._error(wait)
         unsynced = share.unsynced()
         try:
             grant = await self._conn.run("rate-limit", lambda c: limiter.acquire(cost, unsynced))

@@ -181,13 +181,16 @@ class LocalShare:
 
     Summed over the processes that is at most the budget (see docs/deployment-redis.md).
     Calls made during the outage are kept (``unsynced``) and added to the shared log when
-    Redis answers again, so the first window after recovery counts them too.
+    Redis answers again; for one window after that (``recovering``) a call must also fit
+    the share, since the other processes' outage calls reach the log only with their own
+    first call after the outage.
     """
 
     __slots__ = (
         "_calls",
         "_others",
         "_others_at",
+        "_recovering_until",
         "_unsynced",
         "budget",
         "min_processes",
@@ -203,11 +206,17 @@ class LocalShare:
         self._calls: deque[float] = deque()
         self._others = 0
         self._others_at = 0.0
+        self._recovering_until = 0.0
         self._unsynced: deque[float] = deque(maxlen=budget)
 
     @property
     def share(self) -> int:
         return max(1, self.budget // max(self.min_processes, self.processes))
+
+    @property
+    def recovering(self) -> bool:
+        """Calls of an outage not yet in the shared log, or within one window since."""
+        return bool(self._unsynced) or time.monotonic() < self._recovering_until
 
     def _trim(self, now: float) -> None:
         calls = self._calls
@@ -221,7 +230,9 @@ class LocalShare:
         self._calls.extend([now] * cost)
         while len(self._calls) > self.budget:  # bounded: older ones no longer matter
             self._calls.popleft()
-        self.processes = max(1, processes)
+        # Redis restarted empty counts few processes until all have asked again.
+        recovering = now < self._recovering_until
+        self.processes = max(self.processes, processes) if recovering else max(1, processes)
         self._others = max(0, used - len(self._calls))
         self._others_at = now
 
@@ -229,6 +240,8 @@ class LocalShare:
         """Ages of the outage's calls not yet in the shared log (then forgotten)."""
         now = time.monotonic()
         ages = [now - t for t in self._unsynced if t > now - self.window]
+        if self._unsynced:
+            self._recovering_until = now + self.window
         self._unsynced.clear()
         return ages
 
@@ -237,23 +250,28 @@ class LocalShare:
         now = time.monotonic()
         self._unsynced.extendleft(reversed([now - age for age in ages]))
 
-    def _in_window(self, now: float) -> int:
+    def fits(self, cost: int) -> float:
+        """0 when ``cost`` more calls fit the share now, else seconds until they may."""
+        now = time.monotonic()
         self._trim(now)
         used = len(self._calls)
-        if self._others and now - self._others_at < self.window:
+        others_live = self._others and now - self._others_at < self.window
+        if others_live:
             used += -(-self._others // max(self.min_processes, self.processes))
-        return used
-
-    def try_take(self, cost: int) -> float:
-        """Take ``cost`` from the share and return 0, or return seconds until it fits."""
-        now = time.monotonic()
-        over = self._in_window(now) + cost - self.share
+        over = used + cost - self.share
         if over <= 0:
-            self._calls.extend([now] * cost)
-            self._unsynced.extend([now] * cost)
             return 0.0
-        if self._others and now - self._others_at < self.window:
+        if others_live:
             return self._others_at + self.window - now
         if over > len(self._calls):
             return self.window
         return self._calls[over - 1] + self.window - now
+
+    def try_take(self, cost: int) -> float:
+        """Take ``cost`` from the share and return 0, or return seconds until it fits."""
+        wait = self.fits(cost)
+        if wait == 0:
+            now = time.monotonic()
+            self._calls.extend([now] * cost)
+            self._unsynced.extend([now] * cost)
+        return wait
