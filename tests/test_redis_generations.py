@@ -6,6 +6,9 @@ came in before the login answers the earlier content after it."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -110,8 +113,6 @@ async def test_an_invalidation_in_this_process_detaches_the_fetch_in_flight(
     gate = threading.Event()
     stand.rules[user] = Rule(gate=gate)
     async with open_store(base_url, workspace) as store:
-        import asyncio
-
         slow = asyncio.ensure_future(store.get(query(user), KEYS, timeout=10))
         await wait_until(lambda: stand.calls_for(user) == 1)
         stand.versions[user] = "new"
@@ -152,3 +153,31 @@ async def test_a_write_under_an_older_generation_is_refused(
         # Generations only grow, even for invalidations in the same microsecond.
         await layer.invalidate(Identity(customer_id=user))
         assert int((await layer.get(q, KEYS)).generation or 0) > int(current.generation or 0)
+
+
+@pytest.mark.anyio
+async def test_other_processes_drop_their_copies_within_milliseconds(
+    standin: tuple[Standin, str], workspace: str
+) -> None:
+    """How long after ``invalidate`` returns another process has dropped its L1 copy."""
+    _, base_url = standin
+    async with open_store(base_url, workspace) as a, open_store(base_url, workspace) as b:
+        delays: list[float] = []
+        for _ in range(20):
+            user = customer()
+            await a.get(query(user), KEYS)
+            await b.get(query(user), KEYS)
+            assert b.lookup(query(user), KEYS)[1] == []  # b holds it in L1
+            await a.invalidate(Identity(customer_id=user))
+            returned = time.perf_counter()
+            while b.lookup(query(user), KEYS)[1] != KEYS:  # the real condition, polled finely
+                assert time.perf_counter() - returned < 5.0
+                await asyncio.sleep(0.0002)
+            delays.append((time.perf_counter() - returned) * 1000)
+    report = {
+        "median_ms": round(statistics.median(delays), 2),
+        "p90_ms": round(sorted(delays)[17], 2),
+        "max_ms": round(max(delays), 2),
+    }
+    print("invalidation reaches another process:", json.dumps(report))
+    assert max(delays) < 1000, report

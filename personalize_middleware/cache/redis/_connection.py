@@ -235,5 +235,8 @@ class RedisConnection:
         self._closed = True
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(*self._errors):
-                await client.aclose()
+            # A Sentinel-managed client also holds clients of the Sentinels themselves.
+            manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+            for each in [client, *getattr(manager, "sentinels", ())]:
+                with contextlib.suppress(*self._errors):
+                    await each.aclose()
