@@ -24,7 +24,6 @@ from personalize_middleware import (
     PersonalizeMiddleware,
     UpstreamUnavailableError,
 )
-from personalize_middleware._models import identity_hash
 from tests.support.fake_backend import FakeBackend, variation_for
 
 SECRET = "test-secret-key-0123456789abcdef"
@@ -562,7 +561,7 @@ async def test_identical_answers_are_shared_between_users_but_json_payloads_are_
     store = middleware.store
 
     def cached(user: str, key: str) -> Any:
-        [contexts] = [store._l1[identity_hash(Identity(customer_id=user))]]
+        [contexts] = [store._l1[f"c:{user}"]]
         [entries] = list(contexts.values())
         return entries[key].experience
 

@@ -84,7 +84,8 @@ class ExperienceStore:
         self.breaker = breaker or CircuitBreaker()
         self.clock = clock
         self.stats = StoreStats()
-        # By identity digest: a broadcast invalidation names only that (no personal data).
+        # By digest if other processes broadcast invalidations (naming only that), else by key.
+        self._by_digest = isinstance(shared, Broadcaster)
         self._l1: TTLCache[str, _Contexts] = TTLCache(maxsize=maxsize, ttl=self.retention)
         self._flights = Flights()
         self._forgotten: dict[str, float] = {}  # key -> entries fetched before are misses
@@ -106,7 +107,8 @@ class ExperienceStore:
         refresh: list[str] = []
         try:
             # Indexing rather than TTLCache.get, which checks the entry twice (4x slower).
-            entries = self._l1[query.identity_hash].get(query.context_key)
+            ident = query.identity_hash if self._by_digest else query.identity_key
+            entries = self._l1[ident].get(query.context_key)
         except KeyError:
             entries = None
         now = self.clock()
@@ -301,7 +303,7 @@ class ExperienceStore:
         return {k: e.experience for k, e in self._stale_entries(query, keys).items()}
 
     def _stale_entries(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, CachedExperience]:
-        contexts = self._l1.get(query.identity_hash)
+        contexts = self._l1.get(self._key(query))
         entries = contexts.get(query.context_key) if contexts is not None else None
         if not entries:
             return {}
@@ -318,9 +320,8 @@ class ExperienceStore:
         return stale
 
     def _remember(self, query: FetchQuery, entries: Mapping[str, CachedExperience]) -> None:
-        contexts = self._l1.get(query.identity_hash)
-        if contexts is None:
-            contexts = {}
+        ident = self._key(query)
+        contexts = self._l1.get(ident, {})
         current = contexts.pop(query.context_key, None) or {}
         for key, entry in entries.items():
             old = current.get(key)
@@ -335,30 +336,31 @@ class ExperienceStore:
         contexts[query.context_key] = current  # most recently used last
         while len(contexts) > self.max_contexts:
             contexts.pop(next(iter(contexts)))
-        self._l1[query.identity_hash] = contexts  # re-set: renews the retention timer
+        self._l1[ident] = contexts  # re-set: renews the retention timer
+
+    def _key(self, query: FetchQuery) -> str:
+        return query.identity_hash if self._by_digest else query.identity_key
 
     # -- management ----------------------------------------------------------------------
 
     async def invalidate(self, identity: Identity) -> None:
-        """Forget everything cached for ``identity`` (login, logout, profile change), in
-        this process and in L2. A fetch for it already in flight, here or in another
-        process, writes nothing afterwards."""
+        """Forget ``identity`` (login, logout, profile change) here and in L2; a fetch of it
+        in flight, here or in another process, writes nothing afterwards."""
         digest = identity_hash(identity)
-        self.drop_identity(digest)
+        own = digest if self._by_digest else identity.cache_key
+        self.drop_identity(digest, own)
         if self.shared is not None:
             await self.shared.invalidate(identity)
             # A fetch begun while L2 was being invalidated may have read the old entries.
-            self.drop_identity(digest)
+            self.drop_identity(digest, own)
 
-    def drop_identity(self, digest: str) -> None:
-        """Forget the identity with this digest in L1, and detach its fetches in flight
-        (they complete for their waiters but write nothing). Used by ``invalidate`` and
-        for an invalidation another process broadcast."""
-        self._l1.pop(digest, None)
+    def drop_identity(self, digest: str, l1_key: str | None = None) -> None:
+        """Forget the identity (``digest``; ``l1_key`` unless L1 is keyed by digest) in L1
+        and detach its fetches in flight: they answer their waiters but write nothing."""
+        self._l1.pop(l1_key or digest, None)
         self._flights.detach(digest)
 
     def _on_broadcast(self, message: Mapping[str, Any]) -> None:
-        """Another process invalidated an identity, or says campaigns changed."""
         kind = message.get("kind")
         if kind == "invalidate" and isinstance(digest := message.get("id"), str):
             self.drop_identity(digest)
@@ -366,9 +368,8 @@ class ExperienceStore:
             self.forget(k for k in keys if isinstance(k, str))
 
     def forget(self, keys: Iterable[str], at: float | None = None) -> None:
-        """Treat every entry of ``keys`` fetched before ``at`` (now) as absent, in L1 and
-        when read from L2: the campaign was paused or changed. O(1): entries are checked
-        when read, not searched for."""
+        """Entries of ``keys`` fetched before ``at`` (now) are misses, in L1 and from L2
+        (a paused or changed campaign); checked when read, not searched for."""
         at = self.clock() if at is None else at
         for key in keys:
             self._forgotten[key] = max(at, self._forgotten.get(key, at))
@@ -377,8 +378,7 @@ class ExperienceStore:
         return len(self._l1)
 
     def reset_after_fork(self) -> None:
-        """In a forked child: fetches in flight and their futures are the parent's event
-        loop's; the child starts with none (cached entries are plain data and stay)."""
+        """In a forked child: fetches in flight are the parent's loop's (entries stay)."""
         abandon((self._tasks, self._flights))
         self._tasks = set()
         self._flights = Flights()
