@@ -19,7 +19,7 @@ from ._exceptions import (
     UpstreamUnavailableError,
 )
 from ._identity import IdentityResolver, default_identity
-from ._interfaces import PersonalizeBackend, SharedLayer
+from ._interfaces import PersonalizeBackend, SharedEntries, SharedLayer
 from ._lifecycle import Lifecycle
 from ._middleware import PersonalizeMiddleware
 from ._models import (
@@ -81,6 +81,7 @@ __all__ = [
     "RateLimitedError",
     "RedisSharedLayer",
     "RetryPolicy",
+    "SharedEntries",
     "SharedLayer",
     "StoreStats",
     "TemplateExperience",

@@ -43,6 +43,7 @@ EXPECTED = [
     "RateLimitedError",
     "RedisSharedLayer",
     "RetryPolicy",
+    "SharedEntries",
     "SharedLayer",
     "StoreStats",
     "TemplateExperience",
