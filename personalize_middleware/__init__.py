@@ -28,6 +28,7 @@ from ._interfaces import (
     KeyOutcome,
     PageTrace,
     PersonalizeBackend,
+    SharedEntries,
     SharedLayer,
     Telemetry,
 )
@@ -122,6 +123,7 @@ __all__ = [
     "RedisSharedLayer",
     "RetryPolicy",
     "SQLiteOutbox",
+    "SharedEntries",
     "SharedLayer",
     "StoreStats",
     "Telemetry",

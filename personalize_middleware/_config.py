@@ -49,6 +49,8 @@ ENV_VARIABLES: tuple[str, ...] = (
 _MAX_SHOWN = 60
 
 _WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+#: One Redis, a Redis Cluster or a Sentinel-managed primary (``cache/redis/_urls.py``).
+_REDIS_URL_RE = re.compile(r"^(rediss?(\+cluster|\+sentinel)?|unix)://", re.IGNORECASE)
 
 
 def describe_value(value: Any) -> str:
@@ -130,9 +132,11 @@ class PersonalizeSettings:
         positive_number("connect_timeout", self.connect_timeout)
         positive_number("read_timeout", self.read_timeout)
         positive_int("max_connections", self.max_connections)
-        if self.redis_url is not None and not re.match(r"^rediss?://|^unix://", self.redis_url):
+        if self.redis_url is not None and not _REDIS_URL_RE.match(self.redis_url):
             raise ConfigurationError(
-                "redis_url must start with redis://, rediss:// or unix://", field="redis_url"
+                "redis_url must start with redis://, rediss://, unix://, redis+cluster://, "
+                "rediss+cluster://, redis+sentinel:// or rediss+sentinel://",
+                field="redis_url",
             )
         outbox = self.events_outbox
         if outbox is not None:

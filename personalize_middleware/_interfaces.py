@@ -4,6 +4,7 @@ other:
 ``PersonalizeBackend``  what the middleware needs from MoEngage: ``upstream.PersonalizeClient``
                         or ``local.LocalBackend`` (or a test double)
 ``SharedLayer``         a cache and coordination layer shared by processes (``cache.redis``)
+``Broadcaster``         a shared layer that also carries messages between the processes
 ``IdentityResolver``    who the request is for (``_identity.default_identity`` or the app's)
 ``TrackingHooks``       what a page view's ``Personalization`` (and the Jinja helpers) ask
                         of tracking: attributes for an element, the script tag
@@ -19,6 +20,9 @@ other:
                         results, the breaker, events, each page's personalization): the
                         ``telemetry`` package's ``OpenTelemetry`` and ``PrometheusMetrics``
 ``PageTrace``           one page's observation, as ``Telemetry.page_started`` returns it
+
+Longer than ~400 lines because every protocol lives here, on purpose: one module the
+feature packages meet at, none of them importing another.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
     from ._grants import PreviewGrant
 
 __all__ = [
+    "Broadcaster",
     "EventOutbox",
     "EventSink",
     "FetchFn",
@@ -68,6 +73,7 @@ __all__ = [
     "PageView",
     "PersonalizeBackend",
     "PutResult",
+    "SharedEntries",
     "SharedLayer",
     "Telemetry",
     "TrackedEvent",
@@ -116,12 +122,29 @@ class PersonalizeBackend(Protocol):
 FetchFn = Callable[[], Awaitable[dict[str, CachedExperience]]]
 
 
+class SharedEntries(dict[str, CachedExperience]):
+    """What ``SharedLayer.get`` may return: the entries, and the identity's
+    ``generation`` when the layer keeps one (``None``: it does not). The store hands the
+    generation back to ``coordinate`` and ``set``, which then share a fetch's answer only
+    if the identity was not invalidated since the read."""
+
+    __slots__ = ("generation",)
+
+    def __init__(
+        self, entries: Mapping[str, CachedExperience] | None = None, generation: str | None = None
+    ) -> None:
+        super().__init__(entries or {})
+        self.generation = generation
+
+
 class SharedLayer(Protocol):
     """A cache and coordination layer shared by processes (L2), e.g. Redis.
 
     Implementations never raise on their own failures (they degrade and log); ``coordinate``
     may raise the ``APIError`` of the upstream call or a ``RateLimitedError`` when the
-    shared budget is spent.
+    shared budget is spent. A layer that keeps generations returns ``SharedEntries`` from
+    ``get`` and takes ``generation=`` in ``set`` and ``coordinate``; the store passes it
+    only when ``get`` returned one, so a layer without generations needs neither.
     """
 
     async def get(self, query: FetchQuery, keys: Collection[str]) -> dict[str, CachedExperience]:
@@ -129,13 +152,23 @@ class SharedLayer(Protocol):
         ...
 
     async def set(
-        self, query: FetchQuery, entries: Mapping[str, CachedExperience], retention: float
+        self,
+        query: FetchQuery,
+        entries: Mapping[str, CachedExperience],
+        retention: float,
+        *,
+        generation: str | None = None,
     ) -> None: ...
 
     async def invalidate(self, identity: Identity) -> None: ...
 
     async def coordinate(
-        self, query: FetchQuery, keys: Collection[str], fetch: FetchFn
+        self,
+        query: FetchQuery,
+        keys: Collection[str],
+        fetch: FetchFn,
+        *,
+        generation: str | None = None,
     ) -> dict[str, CachedExperience]:
         """Run ``fetch`` unless another process is already fetching the same thing (then
         wait for its result in L2), and only within the workspace's rate budget."""
@@ -144,6 +177,23 @@ class SharedLayer(Protocol):
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+#: A broadcast message: ``{"kind": "invalidate", "id": <identity digest>}`` or
+#: ``{"kind": "refresh", "keys": [...] | None}`` (more fields may come).
+BroadcastListener = Callable[[Mapping[str, Any]], None]
+
+
+@runtime_checkable
+class Broadcaster(Protocol):
+    """A shared layer that tells the other processes of invalidations and refreshes."""
+
+    def add_listener(self, listener: BroadcastListener) -> None: ...
+
+    async def publish_refresh(self, keys: list[str] | None = None) -> int:
+        """Every process refreshes its metadata (and forgets ``keys``); returns how many
+        were listening."""
+        ...
 
 
 class TrackedEvent(Protocol):

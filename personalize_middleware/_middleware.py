@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Unpack
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._campaigns import CampaignSync
 from ._config import invalid_option
 from ._context import SessionAttributes
 from ._exceptions import ConfigurationError
+from ._fork import abandon, register
 from ._headers import ResponseGate
 from ._identity import (
     UNREAD,
@@ -93,6 +95,7 @@ class PersonalizeMiddleware:
         self._state = Lifecycle.NEW
         self._start_lock: asyncio.Lock | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
+        register(self)  # nothing here makes a task or a socket; startup() does, per process
         try:
             if positional:
                 raise invalid_option(
@@ -219,6 +222,7 @@ class PersonalizeMiddleware:
         self._needs_user_agent = self.crawlers == "defaults" or (
             self.tracking is not None and self.tracking.bots == "ignore"
         )
+        self._campaigns = CampaignSync(self.store, self.metadata)
 
     @property
     def configured_keys(self) -> tuple[str, ...]:
@@ -276,6 +280,15 @@ class PersonalizeMiddleware:
                     type(self.backend).__name__,
                     len(self.routes.configured_keys),
                 )
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: NEW, to start its own tasks (components reset, ``_fork``)."""
+        abandon(self._exit_stack)
+        self._exit_stack, self._start_lock, self._state = None, None, Lifecycle.NEW
+
+    async def refresh(self, keys: Sequence[str] = ()) -> int:
+        """All processes re-read statuses, forget ``keys``; returns how many heard it."""
+        return await self._campaigns.refresh(keys)
 
     async def shutdown(self) -> None:
         """Flush pending events, stop refreshers, close what the middleware owns (in the

@@ -9,6 +9,7 @@
                   --templates DIR: find payload values where escaping cannot help
     preview       a signed link: see the site as a customer or an audience would
     qa-cookie     a signed link and cookie: the debug overlay and Server-Timing
+    refresh       make every process sharing the Redis re-read experience statuses now
 
 ``experiences``, ``fetch`` and ``check`` talk to the real API when
 ``MOENGAGE_WORKSPACE_ID`` and ``MOENGAGE_API_SECRET`` are set (``MOENGAGE_BASE_URL`` and
@@ -164,7 +165,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_check, usage=check.format_usage)
     add_devtools_commands(commands)  # preview, qa-cookie
+
+    refresh = commands.add_parser(
+        "refresh",
+        help="tell every process sharing the Redis to re-read experience statuses now",
+    )
+    refresh.add_argument("--redis-url", help="default: MOENGAGE_REDIS_URL")
+    refresh.add_argument("--workspace-id", help="default: MOENGAGE_WORKSPACE_ID")
+    refresh.add_argument("--namespace", default="pm", help="the layer's namespace (default pm)")
+    refresh.add_argument(
+        "--keys",
+        nargs="+",
+        metavar="KEY",
+        default=[],
+        help="also forget these keys' cached content everywhere (the campaign's content changed)",
+    )
+    refresh.set_defaults(handler=_refresh)
     return parser
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    url = args.redis_url or os.environ.get("MOENGAGE_REDIS_URL", "").strip()
+    workspace = args.workspace_id or os.environ.get("MOENGAGE_WORKSPACE_ID", "").strip()
+    if not url or not workspace:
+        raise CommandError("refresh needs --redis-url and --workspace-id (or MOENGAGE_*)")
+    from .cache.redis import RedisSharedLayer
+
+    layer = RedisSharedLayer(url, workspace_id=workspace, namespace=args.namespace, op_timeout=2.0)
+
+    async def run() -> int:
+        try:
+            return await layer.publish_refresh(args.keys or None, strict=True)
+        finally:
+            await layer.aclose()
+
+    listening = asyncio.run(run())
+    print(f"refresh sent to workspace {workspace}: {listening} process(es) listening")
+    return 0
 
 
 def _add_file(parser: argparse.ArgumentParser) -> None:

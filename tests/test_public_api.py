@@ -62,6 +62,7 @@ EXPECTED = [
     "RedisSharedLayer",
     "RetryPolicy",
     "SQLiteOutbox",
+    "SharedEntries",
     "SharedLayer",
     "StoreStats",
     "Telemetry",

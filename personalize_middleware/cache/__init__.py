@@ -8,15 +8,15 @@ The optional shared L2 (Redis) is ``cache.redis``; the store depends only on the
 from __future__ import annotations
 
 from ._fairness import DEFAULT_CLIENT_LIMITS, ClientKey, ClientLimiter, ClientLimits
-from ._store import (
+from ._stats import (
     DEFAULT_CACHE_MAXSIZE,
     DEFAULT_CACHE_TTL,
     DEFAULT_MAX_CONCURRENT_FETCHES,
     DEFAULT_STALE_IF_ERROR,
     DEFAULT_STALE_WHILE_REVALIDATE,
-    ExperienceStore,
     StoreStats,
 )
+from ._store import ExperienceStore
 
 __all__ = [
     "DEFAULT_CACHE_MAXSIZE",

@@ -19,6 +19,11 @@ Longer than ~400 lines because reading, fetching, falling back and interning sha
 L1 structure and its invariants (ages, retention, single-flight): they read best together
 (and report to the telemetry from each). A new fetch is started only within
 ``max_concurrent_fetches`` and the client's limits (``_fairness``).
+
+A late answer cannot undo an invalidation: the identity's fetches in flight write nothing
+to L1 afterwards (``_flights.py``), nor to L2, where the fetch carries the generation it
+began under and the layer writes only under it. ``forget(keys)`` makes every entry of
+those keys fetched before now a miss (a campaign paused or changed).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from cachetools import TTLCache
@@ -47,53 +51,27 @@ from .._decisions import (
     settle,
 )
 from .._exceptions import APIError, CircuitOpenError, PersonalizeError
-from .._interfaces import PersonalizeBackend, SharedLayer, Telemetry
+from .._fork import abandon, register
+from .._interfaces import Broadcaster, PersonalizeBackend, SharedLayer, Telemetry
 from .._logging import RateLimitedLog
-from .._models import CachedExperience, Experience, FetchQuery, Identity
+from .._models import CachedExperience, Experience, FetchQuery, Identity, identity_hash
 from ..upstream import CircuitBreaker
 from ._fairness import ClientKey, ClientLimiter
+from ._flights import Flight, Flights
 from ._intern import Interner
+from ._stats import (
+    DEFAULT_CACHE_MAXSIZE,
+    DEFAULT_CACHE_TTL,
+    DEFAULT_MAX_CONCURRENT_FETCHES,
+    DEFAULT_MAX_CONTEXTS_PER_IDENTITY,
+    DEFAULT_STALE_IF_ERROR,
+    DEFAULT_STALE_WHILE_REVALIDATE,
+    StoreStats,
+)
 
-__all__ = [
-    "DEFAULT_CACHE_MAXSIZE",
-    "DEFAULT_CACHE_TTL",
-    "DEFAULT_MAX_CONCURRENT_FETCHES",
-    "DEFAULT_STALE_IF_ERROR",
-    "DEFAULT_STALE_WHILE_REVALIDATE",
-    "ExperienceStore",
-    "StoreStats",
-]
+__all__ = ["ExperienceStore"]
 
 logger = logging.getLogger("personalize_middleware.store")
-
-DEFAULT_CACHE_TTL = 60.0
-DEFAULT_STALE_WHILE_REVALIDATE = 300.0
-DEFAULT_STALE_IF_ERROR = 3600.0
-DEFAULT_CACHE_MAXSIZE = 100_000
-DEFAULT_MAX_CONTEXTS_PER_IDENTITY = 8
-#: Upstream fetches in flight per process; beyond it a miss renders stale content or the
-#: defaults without a call. Matches the client's default pool: queueing more requests
-#: than there are connections only burns CPU in the pool while the upstream is slow.
-DEFAULT_MAX_CONCURRENT_FETCHES = 100
-
-
-@dataclass(slots=True)
-class StoreStats:
-    """Counters, readable by the app (``middleware.store.stats``)."""
-
-    hits: int = 0
-    stale_hits: int = 0
-    misses: int = 0
-    coalesced: int = 0
-    upstream_calls: int = 0
-    upstream_failures: int = 0
-    fallbacks: int = 0
-    skipped_calls: int = 0
-    shed: int = 0
-    client_limited: int = 0
-    interned: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
 
 _Contexts = dict[tuple[tuple[str, str], ...], dict[str, CachedExperience]]
 
@@ -131,12 +109,18 @@ class ExperienceStore:
         self.stats = StoreStats()
         #: Set by ``PersonalizeMiddleware(telemetry=...)``; ``None``: nothing reported.
         self.telemetry: Telemetry | None = None
+        # By digest if other processes broadcast invalidations (naming only that), else by key.
+        self._by_digest = isinstance(shared, Broadcaster)
         self._l1: TTLCache[str, _Contexts] = TTLCache(maxsize=maxsize, ttl=self.retention)
-        self._inflight: dict[tuple[str, Any, str], asyncio.Future[Experience | None]] = {}
+        self._flights = Flights()
+        self._forgotten: dict[str, float] = {}  # key -> entries fetched before are misses
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = RateLimitedLog(logger)
         # What a fresh fetch's decisions name as their source (the local engine: "local").
         self._fetch_source: str = getattr(backend, "decision_source", NETWORK)
+        if isinstance(shared, Broadcaster):
+            shared.add_listener(self._on_broadcast)
+        register(self)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -158,13 +142,15 @@ class ExperienceStore:
         refresh: list[str] = []
         try:
             # Indexing rather than TTLCache.get, which checks the entry twice (4x slower).
-            entries = self._l1[query.identity_key].get(query.context_key)
+            ident = query.identity_hash if self._by_digest else query.identity_key
+            entries = self._l1[ident].get(query.context_key)
         except KeyError:
             entries = None
         now = self.clock()
+        forgotten = self._forgotten
         for key in keys:
             entry = entries.get(key) if entries is not None else None
-            if entry is None:
+            if entry is None or (forgotten and entry.fetched_at < forgotten.get(key, -1.0)):
                 missing.append(key)
                 continue
             age = now - entry.fetched_at
@@ -201,11 +187,11 @@ class ExperienceStore:
         late answer still fills the cache."""
         futures: dict[str, asyncio.Future[Experience | None]] = {}
         to_fetch: list[str] = []
-        ident, ctx = query.identity_key, query.context_key
+        ident = query.identity_key
         for key in keys:
             if key in futures:
                 continue
-            future = self._inflight.get((ident, ctx, key))
+            future = self._flights.future(query, key)
             if future is None:
                 to_fetch.append(key)
             else:
@@ -222,10 +208,10 @@ class ExperienceStore:
             mine: dict[str, asyncio.Future[Experience | None]] = {
                 key: DecidedFuture(loop=loop) for key in to_fetch
             }
-            for key, future in mine.items():
-                self._inflight[(ident, ctx, key)] = future
             futures.update(mine)
-            task = loop.create_task(self._run_fetch(query, mine))
+            flight = Flight(query, mine)
+            self._flights.add(flight)
+            task = loop.create_task(self._run_fetch(flight))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return futures
@@ -283,16 +269,15 @@ class ExperienceStore:
 
     # -- fetching ------------------------------------------------------------------------
 
-    async def _run_fetch(
-        self, query: FetchQuery, futures: dict[str, asyncio.Future[Experience | None]]
-    ) -> None:
+    async def _run_fetch(self, flight: Flight) -> None:
+        query, futures = flight.query, flight.futures
         keys = list(futures)
         entries: dict[str, CachedExperience] = {}
         served_by_l2: set[str] = set()
         reason: str | None = None
         started = time.perf_counter()
         try:
-            entries = await self._load(query, keys, served_by_l2)
+            entries = await self._load(flight, keys, served_by_l2)
         except (PersonalizeError, Exception) as exc:  # never let a fetch error escape
             entries = self._fallback(query, keys, exc)
             reason = reason_for_error(exc)
@@ -300,8 +285,8 @@ class ExperienceStore:
             # Also on cancellation (shutdown): waiters get the defaults, never hang.
             fetch_ms = (time.perf_counter() - started) * 1000
             now = self.clock()
+            self._flights.finish(flight)
             for key, future in futures.items():
-                self._inflight.pop((query.identity_key, query.context_key, key), None)
                 from_l2 = key in served_by_l2
                 source = STALE if reason else SHARED if from_l2 else self._fetch_source
                 settle(
@@ -314,14 +299,19 @@ class ExperienceStore:
                 )
 
     async def _load(
-        self, query: FetchQuery, keys: list[str], served_by_l2: set[str] | None = None
+        self, flight: Flight, keys: list[str], served_by_l2: set[str] | None = None
     ) -> dict[str, CachedExperience]:
+        query = flight.query
         result: dict[str, CachedExperience] = {}
         remaining = keys
-        if self.shared is not None:
-            from_l2 = await self.shared.get(query, keys)
+        shared = self.shared
+        since: dict[str, str] = {}  # the L2 generation the fetch began under, if any
+        if shared is not None:
+            from_l2 = self._unforgotten(await shared.get(query, keys))
+            if (generation := getattr(from_l2, "generation", None)) is not None:
+                since["generation"] = generation
             now = self.clock()
-            if from_l2:
+            if from_l2 and not flight.invalidated:
                 self._remember(query, from_l2)  # stale ones still serve as fallback
             result = {k: e for k, e in from_l2.items() if now - e.fetched_at < self.ttl}
             if served_by_l2 is not None:
@@ -331,15 +321,23 @@ class ExperienceStore:
             remaining = [k for k in keys if k not in result]
             if not remaining:
                 return result
-        fetched = await self._call_upstream(query, remaining)
-        self._remember(query, fetched)
+        fetched = await self._call_upstream(query, remaining, since)
+        if not flight.invalidated:
+            self._remember(query, fetched)
         result.update(fetched)
-        if self.shared is not None:
-            await self.shared.set(query, fetched, self.retention)
+        if shared is not None:
+            await shared.set(query, fetched, self.retention, **since)
         return result
 
+    def _unforgotten(self, entries: dict[str, CachedExperience]) -> dict[str, CachedExperience]:
+        """``entries`` less those of forgotten keys fetched before they were forgotten."""
+        forgotten = self._forgotten
+        for key in [k for k, e in entries.items() if e.fetched_at < forgotten.get(k, -1.0)]:
+            del entries[key]
+        return entries
+
     async def _call_upstream(
-        self, query: FetchQuery, keys: list[str]
+        self, query: FetchQuery, keys: list[str], since: Mapping[str, str]
     ) -> dict[str, CachedExperience]:
         async def fetch() -> dict[str, CachedExperience]:
             self.breaker.before_call()
@@ -359,9 +357,9 @@ class ExperienceStore:
             now = self.clock()
             return {key: CachedExperience(answer.get(key), now) for key in keys}
 
-        if self.shared is not None:
-            return await self.shared.coordinate(query, keys, fetch)
-        return await fetch()
+        if self.shared is None:
+            return await fetch()
+        return await self.shared.coordinate(query, keys, fetch, **since)
 
     def _fallback(
         self, query: FetchQuery, keys: list[str], exc: BaseException
@@ -398,15 +396,18 @@ class ExperienceStore:
         return self._stale_entries(query, keys)
 
     def _stale_entries(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, CachedExperience]:
-        contexts = self._l1.get(query.identity_key)
+        contexts = self._l1.get(self._key(query))
         entries = contexts.get(query.context_key) if contexts is not None else None
         if not entries:
             return {}
         now = self.clock()
+        forgotten = self._forgotten
         stale = {
             k: e
             for k in keys
-            if (e := entries.get(k)) is not None and now - e.fetched_at < self.sie_until
+            if (e := entries.get(k)) is not None
+            and now - e.fetched_at < self.sie_until
+            and e.fetched_at >= forgotten.get(k, -1.0)
         }
         self.stats.fallbacks += len(stale)
         if self.telemetry is not None:
@@ -414,9 +415,8 @@ class ExperienceStore:
         return stale
 
     def _remember(self, query: FetchQuery, entries: Mapping[str, CachedExperience]) -> None:
-        contexts = self._l1.get(query.identity_key)
-        if contexts is None:
-            contexts = {}
+        ident = self._key(query)
+        contexts = self._l1.get(ident, {})
         current = contexts.pop(query.context_key, None) or {}
         for key, entry in entries.items():
             old = current.get(key)
@@ -432,12 +432,15 @@ class ExperienceStore:
         contexts[query.context_key] = current  # most recently used last
         while len(contexts) > self.max_contexts:
             contexts.pop(next(iter(contexts)))
-        self._l1[query.identity_key] = contexts  # re-set: renews the retention timer
+        self._l1[ident] = contexts  # re-set: renews the retention timer
+
+    def _key(self, query: FetchQuery) -> str:
+        return query.identity_hash if self._by_digest else query.identity_key
 
     def ages(self, query: FetchQuery, keys: Iterable[str]) -> dict[str, float]:
         """Seconds since L1's entries for ``keys`` were fetched (keys without one left out)."""
         try:
-            entries = self._l1[query.identity_key][query.context_key]  # as in lookup
+            entries = self._l1[self._key(query)][query.context_key]  # as in lookup
         except KeyError:
             return {}
         now = self.clock()
@@ -446,13 +449,44 @@ class ExperienceStore:
     # -- management ----------------------------------------------------------------------
 
     async def invalidate(self, identity: Identity) -> None:
-        """Forget everything cached for ``identity`` (login, logout, profile change)."""
-        self._l1.pop(identity.cache_key, None)
+        """Forget ``identity`` (login, logout, profile change) here and in L2; a fetch of it
+        in flight, here or in another process, writes nothing afterwards."""
+        digest = identity_hash(identity)
+        own = digest if self._by_digest else identity.cache_key
+        self.drop_identity(digest, own)
         if self.shared is not None:
             await self.shared.invalidate(identity)
+            # A fetch begun while L2 was being invalidated may have read the old entries.
+            self.drop_identity(digest, own)
+
+    def drop_identity(self, digest: str, l1_key: str | None = None) -> None:
+        """Forget the identity (``digest``; ``l1_key`` unless L1 is keyed by digest) in L1
+        and detach its fetches in flight: they answer their waiters but write nothing."""
+        self._l1.pop(l1_key or digest, None)
+        self._flights.detach(digest)
+
+    def _on_broadcast(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("kind")
+        if kind == "invalidate" and isinstance(digest := message.get("id"), str):
+            self.drop_identity(digest)
+        elif kind == "refresh" and isinstance(keys := message.get("keys"), list):
+            self.forget(k for k in keys if isinstance(k, str))
+
+    def forget(self, keys: Iterable[str], at: float | None = None) -> None:
+        """Entries of ``keys`` fetched before ``at`` (now) are misses, in L1 and from L2
+        (a paused or changed campaign); checked when read, not searched for."""
+        at = self.clock() if at is None else at
+        for key in keys:
+            self._forgotten[key] = max(at, self._forgotten.get(key, at))
 
     def __len__(self) -> int:
         return len(self._l1)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: fetches in flight are the parent's loop's (entries stay)."""
+        abandon((self._tasks, self._flights))
+        self._tasks = set()
+        self._flights = Flights()
 
     async def start(self) -> None:
         if self.shared is not None:

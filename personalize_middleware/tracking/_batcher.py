@@ -24,6 +24,7 @@ import time
 
 from .._config import positive_int, positive_number
 from .._exceptions import ConfigurationError, OutboxUnavailableError
+from .._fork import abandon, register
 from .._interfaces import EventOutbox, OutboxEntry, PersonalizeBackend, Telemetry
 from .._lifecycle import Lifecycle
 from .._logging import RateLimitedLog
@@ -150,6 +151,7 @@ class EventBatcher(Intake, Delivery):
         self._task: asyncio.Task[None] | None = None
         self._state = Lifecycle.NEW
         self._log = RateLimitedLog(logger)
+        register(self)
 
     def __repr__(self) -> str:
         return f"EventBatcher(pending={self.pending}, outbox={self.outbox!r}, stats={self.stats})"
@@ -311,6 +313,30 @@ class EventBatcher(Intake, Delivery):
         with contextlib.suppress(OutboxUnavailableError):
             await self.outbox.aclose()
         self._outbox_open = False
+
+    def reset_after_fork(self) -> None:
+        """In a forked child (``_fork``): the sender task and its events are the parent's
+        loop's and never run here; the child starts its own. Events the parent queued in
+        memory are the parent's to deliver: sending them from every child would duplicate
+        them. A durable outbox opened before the fork (a warm-up) is reopened here."""
+        idle = self._task is None and self._stager is None and not self._outbox_open
+        if idle and (self._memory is None or not self._memory.pending):
+            return
+        abandon((self._task, self._stager, self._wake, self._stop, self._idle))
+        self._task = self._stager = None
+        if self._memory is not None:
+            self._memory.clear()
+        self._buffer.drain()
+        self._staged, self._inflight = [], []
+        if self._outbox_open:  # opened before the fork (a warm-up): this child reopens it
+            reset = getattr(self.outbox, "reset_after_fork", None)
+            if reset is not None:
+                reset()
+            self._outbox_open = False
+        self._wake, self._stop, self._idle = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        self._closing = self._closed = False
+        self._state = Lifecycle.NEW
 
     # -- the sender --------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from .._config import positive_int, positive_number
 from .._exceptions import ConfigurationError, OutboxUnavailableError
+from .._fork import abandon
 from .._interfaces import OutboxEntry, PutResult
 from .._models import EventAction
 from ..cache.redis import RedisConnection, RedisStats, Unavailable, import_redis, mask_url
@@ -152,6 +153,13 @@ class RedisOutbox:
             ) from exc
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's connection and lease renewer stay the parent's;
+        ``start()`` makes this process's own (and its own consumer name)."""
+        abandon((self._conn, self._renewer))
+        self._renewer = None
+        self._conn = self._connection()
 
     async def start(self) -> None:
         """Create the consumer group (if Redis answers: else on first use)."""

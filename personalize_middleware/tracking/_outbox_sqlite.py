@@ -35,6 +35,7 @@ from typing import Literal, TypeVar
 
 from .._config import positive_int, positive_number
 from .._exceptions import ConfigurationError, OutboxUnavailableError
+from .._fork import abandon
 from .._interfaces import OutboxEntry, PutResult
 from .._models import EventAction
 from ._outbox import DEFAULT_MAX_DURABLE_QUEUE, DEFAULT_MAX_PER_VISITOR, GroupCommit, Put
@@ -114,6 +115,13 @@ class SQLiteOutbox:
         return self._pending
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's writer thread does not exist here and its
+        connection must not be used; ``start()`` opens this process's own."""
+        abandon((self._executor, self._renewer))
+        self._executor = None
+        self._renewer = None
 
     async def start(self) -> None:
         """Open (or create) the file; frees the leases of dead processes on this host."""

@@ -43,6 +43,7 @@ from .._exceptions import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from .._fork import abandon, register
 from .._interfaces import Telemetry
 from .._models import EventElement, Experience, ExperienceMetadata
 from .._redact import Redactor, protect_library_logs
@@ -101,6 +102,7 @@ class PersonalizeClient:
         self._transport = transport
         self._http = self._new_http()
         self._closed = False
+        register(self)
         #: Seconds a whole call may take, however the time is spent.
         self._deadline = settings.connect_timeout + settings.read_timeout
         #: Told of every call (``PersonalizeMiddleware(telemetry=...)``).
@@ -166,6 +168,12 @@ class PersonalizeClient:
         """Close the pooled connections. Safe to call twice."""
         self._closed = True
         await self._http.aclose()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child (``_fork``): the parent's pool and its sockets are left alone;
+        this process gets a pool of its own."""
+        abandon(self._http)
+        self._http = self._new_http()
 
     # -- Fetch Experience -----------------------------------------------------------------
 

@@ -4,7 +4,11 @@ It answers ``POST /experiences/fetch`` like the API (every requested key matches
 payload naming the user), records when each call arrived, and can enforce the
 workspace rate limit itself (a 429 when more than ``budget`` calls arrived in the last
 ``window`` seconds), so a test can prove the limiter kept every process under it.
-``rules`` make one customer's calls slow or fail. Run it with
+``rules`` make one customer's calls slow or fail. ``versions[customer]`` is appended to
+the title (read when the call arrives: a slow call answers what was true when it came in,
+as after a login the API's old answer still may). ``statuses`` is what the metadata
+endpoint reports (``GET /experiences/metadata``); a key whose status is set and not
+``Active`` is not served, as MoEngage serves no paused experience. Run it with
 ``tests.support.http_server.run_asgi_server(standin.app)``; it lives on the server's
 thread, so the counters are guarded by a ``threading.Lock``.
 """
@@ -53,10 +57,14 @@ class Standin:
         self.budget = budget
         self.window = window
         self.rules: dict[str, Rule] = {}
+        self.versions: dict[str, str] = {}
+        self.statuses: dict[str, str] = {}
+        self.metadata_calls = 0
         self._lock = threading.Lock()
         self._times: list[float] = []
         self._customers: Counter[str] = Counter()
         self.rejected = 0
+        self.rejections: list[float] = []
         self.app = Starlette(
             routes=[
                 Route("/experiences/fetch", self._fetch, methods=["POST"]),
@@ -88,6 +96,7 @@ class Standin:
                 recent = sum(1 for t in self._times if t > now - self.window)
                 if recent >= self.budget:
                     self.rejected += 1
+                    self.rejections.append(now)
                     return JSONResponse(
                         {"title": "Too Many Requests", "description": "rate limit"},
                         status_code=429,
@@ -96,6 +105,8 @@ class Standin:
             self._times.append(now)
             self._customers[customer] += 1
             rule = self.rules.get(customer)
+            version = self.versions.get(customer)
+            statuses = dict(self.statuses)
         if rule is not None:
             if rule.gate is not None:  # the test opens it from its own thread
                 await asyncio.to_thread(rule.gate.wait, 30.0)
@@ -107,17 +118,26 @@ class Standin:
                     status_code=rule.status,
                     headers=rule.headers,
                 )
-        keys = body.get("experience_key") or []
-        return JSONResponse({"experiences": {key: _experience(key, customer) for key in keys}})
+        wanted = body.get("experience_key") or []
+        keys = [k for k in wanted if statuses.get(k, "Active") == "Active"]
+        title = f"hello {customer}" + (f" [{version}]" if version else "")
+        return JSONResponse({"experiences": {key: _experience(key, title) for key in keys}})
 
     async def _metadata(self, request: Request) -> Response:
-        return JSONResponse({"metadata": {"count": 0, "experiences": []}})
+        with self._lock:
+            self.metadata_calls += 1
+            statuses = dict(self.statuses)
+        entries = [
+            {"experience_key": key, "experience_name": key.title(), "status": status}
+            for key, status in statuses.items()
+        ]
+        return JSONResponse({"metadata": {"count": len(entries), "experiences": entries}})
 
 
-def _experience(key: str, customer: str) -> dict[str, Any]:
+def _experience(key: str, title: str) -> dict[str, Any]:
     return {
         "payload": {
-            "title": {"value": f"hello {customer}", "data_type": "string"},
+            "title": {"value": title, "data_type": "string"},
             "count": {"value": "3", "data_type": "number"},
             "tags": {"value": [], "data_type": "json"},
         },

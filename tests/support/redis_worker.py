@@ -106,10 +106,10 @@ async def _store_worker(config: dict[str, Any]) -> dict[str, Any]:
     if config["mode"] == "burst":
         results = await asyncio.gather(*(get(config["customer"]) for _ in range(config["n"])))
     else:  # "demand": a new user every 1/rate seconds, for duration seconds
-        rate, prefix = config["rate"], config["prefix"]
+        prefix = config["prefix"]
         tasks = []
-        for i in range(int(rate * config["duration"])):
-            delay = started + i / rate - time.monotonic()
+        for i, at in enumerate(_send_times(config)):
+            delay = started + at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)  # pacing the simulated demand
             tasks.append(asyncio.create_task(get(f"{prefix}-{i}")))
@@ -124,6 +124,19 @@ async def _store_worker(config: dict[str, Any]) -> dict[str, Any]:
         "layer": {k: v - before[k] for k, v in layer.stats.as_dict().items()},
         "upstream_calls": store.stats.upstream_calls - calls_before,
     }
+
+
+def _send_times(config: dict[str, Any]) -> list[float]:
+    """When to ask (seconds from the start): ``rate`` a second, or ``schedule``: a list of
+    ``[from_second, rate]`` steps."""
+    steps = config.get("schedule") or [[0.0, config["rate"]]]
+    times: list[float] = []
+    at, duration = 0.0, config["duration"]
+    while at < duration - 1e-9:
+        rate = [r for start, r in steps if start <= at + 1e-9][-1]
+        times.append(at)
+        at += 1.0 / rate
+    return times
 
 
 async def _limiter_worker(config: dict[str, Any]) -> dict[str, Any]:

@@ -6,14 +6,18 @@ workspace's keys share one slot and every script touches a single slot)::
     pm:v1:{ws}:u:<identity digest>   hash    field "<context digest>:<experience key>" ->
                                              JSON {"t": fetched_at, "x": wire shape | null};
                                              expires after the store's retention;
-                                             invalidating an identity is one DEL
+                                             field "g": the identity's generation
+                                             (``INVALIDATE_SCRIPT`` starts a new one,
+                                             ``SET_SCRIPT`` writes only under it)
     pm:v1:{ws}:l:<identity>:<context>:<keys digest>
                                      string  the fetch lease: the holder's token (PX, renewed
                                              while it fetches), then "done:ok"/"done:err"
                                              for a moment so latecomers read the outcome
-    pm:v1:{ws}:rl                    zset    the rate limiter's grants (``_ratelimit.py``)
+    pm:v1:{ws}:rl                    zset    the rate limiter's grants (``_limiter.py``)
     pm:v1:{ws}:rl:procs              zset    processes that asked the limiter lately
     pm:v1:{ws}:pause                 string  a 429's Retry-After, as a PX expiry
+    pm:v1:{ws}:events                channel invalidations and refreshes (``_broadcast.py``)
+    pm:v1:{ws}:version               string  bumped with every refresh broadcast
 
 The format version is part of every key: a new format gets new keys rather than misreading
 old values. No raw identity is ever in a key (digests only). Values are JSON (never pickle:
@@ -34,6 +38,7 @@ __all__ = [
     "DONE",
     "FAILED",
     "FORMAT_VERSION",
+    "INVALIDATE_SCRIPT",
     "RELEASE",
     "RELEASE_SCRIPT",
     "RENEW_SCRIPT",
@@ -83,19 +88,26 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
-# KEYS: data hash. ARGV: retention ms, max fields, then (field, fetched_at, value)...
-# Never replaces a newer entry with an older one; keeps the newest max-fields fields; a
-# foreign key of another type is replaced.
+# KEYS: data hash. ARGV: retention ms, max fields, generation ('*': any; '': none yet;
+# else the generation the fetch began under), then (field, fetched_at, value)...
+# Writes nothing (returns -1) when the identity's generation changed since the fetch
+# began: it was invalidated meanwhile, and a late answer must not undo that. Never
+# replaces a newer entry with an older one; keeps the newest max-fields fields; a foreign
+# key of another type is replaced.
 SET_SCRIPT = """
 local key = KEYS[1]
 local kind = redis.call('TYPE', key)['ok']
-if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
+local foreign = kind ~= 'hash' and kind ~= 'none'  -- never invalidated by us: no generation
+if foreign then redis.call('DEL', key) end
+if ARGV[3] ~= '*' and not foreign and (redis.call('HGET', key, 'g') or '') ~= ARGV[3] then
+  return -1
+end
 local function stamp(v)
   if not v then return nil end
   return tonumber(string.match(v, '^{"t":(-?[%d%.eE+-]+)'))
 end
 local written = 0
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local old = stamp(redis.call('HGET', key, ARGV[i]))
   if not (old and old > tonumber(ARGV[i + 1])) then
     redis.call('HSET', key, ARGV[i], ARGV[i + 2])
@@ -107,12 +119,33 @@ local max_fields = tonumber(ARGV[2])
 if n > max_fields then
   local all = redis.call('HGETALL', key)
   local items = {}
-  for j = 1, #all, 2 do table.insert(items, {all[j], stamp(all[j + 1]) or 0}) end
+  for j = 1, #all, 2 do
+    if all[j] ~= 'g' then table.insert(items, {all[j], stamp(all[j + 1]) or 0}) end
+  end
   table.sort(items, function(a, b) return a[2] < b[2] end)
-  for j = 1, n - max_fields do redis.call('HDEL', key, items[j][1]) end
+  for j = 1, #items - max_fields do redis.call('HDEL', key, items[j][1]) end
 end
 if n > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
 return written
+"""
+
+# KEYS: data hash. ARGV: retention ms, channel, message. Forgets every entry of the
+# identity and starts a new generation: the Redis clock in microseconds (above the last
+# one), so a value never comes back, even after the hash expired; then tells the other
+# processes (their L1 copies go too).
+INVALIDATE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local old = 0
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+  old = tonumber(redis.call('HGET', KEYS[1], 'g') or '0') or 0
+end
+local g = string.format('%.0f', math.max(now, old + 1))
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'g', g)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return g
 """
 
 

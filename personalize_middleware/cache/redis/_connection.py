@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from ..._exceptions import ConfigurationError
 from ..._logging import RateLimitedLog
+from ._urls import build_client, parse_redis_url
 
 __all__ = [
     "DEFAULT_OP_TIMEOUT",
@@ -60,6 +61,7 @@ class RedisStats:
     l2_malformed: int = 0
     l2_oversize: int = 0
     l2_errors: int = 0
+    l2_stale_writes: int = 0
     lease_acquired: int = 0
     lease_waits: int = 0
     lease_served: int = 0
@@ -106,7 +108,8 @@ class RedisConnection:
 
     ``on_connect(client)`` runs when the client is created (register scripts there);
     ``on_recovered()`` when a call succeeds after an outage. ``meanwhile`` says in the log
-    what the user of the connection does during an outage.
+    what the user of the connection does during an outage. ``url`` is any form
+    ``_urls.py`` knows: one Redis, a Cluster, or a Sentinel-managed primary.
     """
 
     def __init__(
@@ -120,7 +123,8 @@ class RedisConnection:
         on_recovered: Callable[[], None] = lambda: None,
         meanwhile: str = "using the in-process cache only",
     ) -> None:
-        self._redis = import_redis()  # fail at configuration time, not on a request
+        self.target = parse_redis_url(url)  # a bad URL fails here, not on a request
+        self._redis = import_redis()
         self.url = url
         self.stats = stats
         self.op_timeout = op_timeout
@@ -131,6 +135,7 @@ class RedisConnection:
         self._client: Any = None
         self._errors: tuple[type[BaseException], ...] = (
             self._redis.RedisError,
+            importlib.import_module("redis.exceptions").RedisClusterException,
             OSError,
             TimeoutError,
         )
@@ -159,8 +164,9 @@ class RedisConnection:
         if self._client is None:
             retry = importlib.import_module("redis.asyncio.retry")
             backoff = importlib.import_module("redis.backoff")
-            self._client = self._redis.Redis.from_url(
-                self.url,
+            self._client = build_client(
+                self._redis,
+                self.target,
                 socket_connect_timeout=self.op_timeout,
                 socket_timeout=self.op_timeout * 2,
                 # No hidden retries: one timeout is the whole budget, then we degrade.
@@ -169,11 +175,14 @@ class RedisConnection:
             self._on_connect(self._client)
         return self._client
 
-    async def run(self, what: str, op: Callable[[Any], Awaitable[_T]]) -> _T:
-        """``op(client)`` under the timeout; any failure becomes ``Unavailable``."""
+    async def run(
+        self, what: str, op: Callable[[Any], Awaitable[_T]], timeout: float | None = None
+    ) -> _T:
+        """``op(client)`` under the timeout (``op_timeout`` unless given); any failure
+        becomes ``Unavailable``."""
         client = self.client()
         try:
-            async with asyncio.timeout(self.op_timeout):
+            async with asyncio.timeout(timeout or self.op_timeout):
                 result = await op(client)
         except self._refusals as exc:
             self.stats.l2_errors += 1
@@ -216,9 +225,21 @@ class RedisConnection:
         )
         return True
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: drop the parent's client without touching its sockets (they
+        are the parent's; closing them here could cut the parent off). The next call
+        connects anew, from this process."""
+        self._client = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._failing_since = None
+
     async def aclose(self) -> None:
         self._closed = True
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(*self._errors):
-                await client.aclose()
+            # A Sentinel-managed client also holds clients of the Sentinels themselves.
+            manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+            for each in [client, *getattr(manager, "sentinels", ())]:
+                with contextlib.suppress(*self._errors):
+                    await each.aclose()
