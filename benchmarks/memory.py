@@ -84,7 +84,7 @@ def _measure(users: int, mode: str) -> float:
 
 
 async def run(*, quick: bool) -> list[Row]:
-    users = 20_000 if quick else 100_000
+    users = 5_000 if quick else 100_000
     answer = len(experience_body(KEYS, "user-00000"))
     rss = _measure(users, "rss")
     traced = _measure(users, "tracemalloc")
