@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -50,15 +51,26 @@ def _pinned(cpu: int) -> list[str]:
     return []
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (Linux ``/proc``), else ``None``."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def _server(preset: str, http: str) -> Iterator[str]:
+def _server(preset: str, http: str) -> Iterator[tuple[str, int]]:
+    """The server's URL and process id (``taskset`` execs, so it is uvicorn's own)."""
     port = free_port()
     process = subprocess.Popen(
         [*_pinned(0), sys.executable, "-m", "benchmarks._serve", preset, str(port), http]
     )
     try:
         wait_for_port(port)
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", process.pid
     finally:
         process.terminate()
         process.wait(10)
@@ -124,17 +136,45 @@ def _check(url: str, preset: str) -> None:
         assert "data-pz-impression" in response.text, "no tracking hooks"
 
 
-def _paired_run(http: str, seconds: float, rounds: int) -> dict[str, list[float]]:
+def _paired_run(
+    http: str, seconds: float, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Requests/s and server CPU seconds of every server, per round."""
     rps: dict[str, list[float]] = {name: [] for name in SERVERS}
+    cpu: dict[str, list[float]] = {name: [] for name in SERVERS}
     with ExitStack() as stack:
-        urls = {name: stack.enter_context(_server(p, http)) for name, p in SERVERS.items()}
+        servers = {name: stack.enter_context(_server(p, http)) for name, p in SERVERS.items()}
+        urls = {name: url for name, (url, _) in servers.items()}
         for name, url in urls.items():
             _check(url, SERVERS[name])
         _together(urls, 1.0)  # warm-up: connections, first-call caches
         for _ in range(rounds):
+            before = {name: _cpu_seconds(pid) for name, (_, pid) in servers.items()}
             for name, value in _together(urls, seconds).items():
                 rps[name].append(value)
-    return rps
+            for name, (_, pid) in servers.items():
+                start, end = before[name], _cpu_seconds(pid)
+                if start is not None and end is not None:
+                    cpu[name].append(end - start)
+    return rps, cpu
+
+
+def _cpu_per_request_us(rps: list[float], cpu: list[float], seconds: float) -> float | None:
+    if len(cpu) != len(rps):
+        return None
+    return statistics.median(c / (r * seconds) * 1e6 for r, c in zip(rps, cpu, strict=True))
+
+
+def _cpu_text(us: float | None) -> str:
+    return "" if us is None else f", {us:,.0f} µs server CPU each"
+
+
+def _cpu_shares(cpu: dict[str, list[float]]) -> str:
+    """How evenly the servers shared their CPU: the premise of the paired ratio."""
+    totals = [sum(values) for values in cpu.values() if values]
+    if len(totals) != len(cpu) or not min(totals):
+        return ""
+    return f"; CPU time per server within {max(totals) / min(totals) - 1:.1%} of each other"
 
 
 def run(*, quick: bool) -> list[Row]:
@@ -147,18 +187,28 @@ def run(*, quick: bool) -> list[Row]:
     )
     rows = []
     for http in HTTP_IMPLEMENTATIONS:
-        rps = _paired_run(http, seconds, rounds)
+        rps, cpu = _paired_run(http, seconds, rounds)
+        per_request = {n: _cpu_per_request_us(rps[n], cpu[n], seconds) for n in SERVERS}
         base = Spread(rps["plain"]).median
+        shares = _cpu_shares(cpu)
         for name, label in _LABELS.items():
             spread = paired(rps[name], rps["plain"])
             row = Row(
                 section=f"over HTTP, {loop()} + {http}",
                 name=f"req/s, {label}",
-                baseline=f"{base:,.0f} req/s (plain page, at the same time)",
-                measured=f"{Spread(rps[name]).median:,.0f} req/s",
+                baseline=(
+                    f"{base:,.0f} req/s{_cpu_text(per_request['plain'])} "
+                    "(plain page, at the same time)"
+                ),
+                measured=f"{Spread(rps[name]).median:,.0f} req/s{_cpu_text(per_request[name])}",
                 ratio=spread.median,
                 spread=spread,
-                data={"baseline_rps": rps["plain"], "measured_rps": rps[name]},
+                data={
+                    "baseline_rps": rps["plain"],
+                    "measured_rps": rps[name],
+                    "baseline_cpu_s": cpu["plain"],
+                    "measured_cpu_s": cpu[name],
+                },
             )
             if name == "full":
                 row.target = f">= {TARGET_RPS_RATIO:.2f}x"
@@ -166,7 +216,8 @@ def run(*, quick: bool) -> list[Row]:
                 row.note = (
                     f"4 servers at once ({', '.join(SERVERS)}), one uvicorn worker each; "
                     f"{tool}, {CONNECTIONS} connections per server; {pinning}; {rounds} "
-                    f"rounds of {seconds:g} s, ratio = median of the per-round ratios"
+                    f"rounds of {seconds:g} s, ratio = median of the per-round ratios; server "
+                    f"CPU per request from /proc (median of rounds){shares}"
                 )
             rows.append(row)
     return rows
