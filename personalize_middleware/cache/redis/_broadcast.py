@@ -104,8 +104,16 @@ class Broadcast:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # redis-py's get_message can swallow a cancellation while it reads: closing the
+            # subscription ends that read, and the wait is bounded whatever happens.
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done:
+                await self._drop_subscription()
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=2.0)
+            if done:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    task.result()
         await self._drop_subscription()
 
     def reset_after_fork(self) -> None:
