@@ -202,6 +202,9 @@ def test_preview_as_a_customer_and_an_audience_sends_nothing(
         own = page.inner_text("#hero h1")
         assert own.startswith("hero:") and "alice" not in own and "preview-" not in own
         assert page.inner_text("#medium") == ""
+        # A person reads before clicking: the endpoint drops clicks sooner than a reaction
+        # time after the page was rendered (TrackingLimits.min_click_delay).
+        page.wait_for_timeout(500)
         page.click("#buy")
         assert wait_for(lambda: any(a == ACTION_CLICKED for _, a, _ in delivered(upstream)))
         assert wait_for(lambda: any(a == ACTION_SHOWN for _, a, _ in delivered(upstream)))
