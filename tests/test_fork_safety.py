@@ -8,6 +8,7 @@ must still fetch (personalized pages) and deliver its events (the stand-in count
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Iterator
 
@@ -37,7 +38,7 @@ def upstream() -> Iterator[FaultyUpstream]:
 
 @pytest.mark.parametrize("warmup", [False, True], ids=["plain", "warmed-up-before-fork"])
 def test_preloaded_workers_fetch_and_deliver_events(upstream: FaultyUpstream, warmup: bool) -> None:
-    pytest.importorskip("gunicorn")
+    require_tool(importlib.util.find_spec("gunicorn") is not None, "gunicorn (the dev extra)")
     env = {
         "PM_FLEET_BASE_URL": upstream.base_url,
         "PM_FLEET_WORKSPACE": upstream.workspace_id,

@@ -15,6 +15,7 @@ that does not exist and exited 0; the README said port 8765, ``serve-local`` lis
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -28,6 +29,7 @@ import pytest
 
 from personalize_middleware.cli import DEFAULT_API_SECRET, DEFAULT_PORT, DEFAULT_WORKSPACE_ID
 from personalize_middleware.local import load_sample_file
+from tests.conftest import require_tool
 from tests.support.processes import (
     REPO_ROOT,
     ServerProcess,
@@ -271,7 +273,9 @@ def test_doc_examples_use_the_sample_experiences_keys_and_variables() -> None:
 def test_local_experiences_doc_example_is_a_part_of_the_sample() -> None:
     from personalize_middleware.local import parse_experiences
 
-    yaml = pytest.importorskip("yaml")
+    require_tool(importlib.util.find_spec("yaml") is not None, "PyYAML (the yaml extra)")
+    import yaml
+
     (example,) = [
         b for b in section_blocks("A complete example", REPO_ROOT / "docs/local-experiences.md")
     ]
