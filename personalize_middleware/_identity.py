@@ -26,6 +26,7 @@ __all__ = [
     "call_resolver",
     "cookie_value",
     "default_identity",
+    "session_identity",
 ]
 
 logger = logging.getLogger("personalize_middleware")
@@ -53,7 +54,12 @@ def default_identity(conn: HTTPConnection) -> Identity | None:
     """The default resolver: an authenticated ``request.user`` (its ``identity``, else its
     ``display_name``), then the session's ``customer_id`` (and ``email`` / ``mobile`` as
     ``u_em`` / ``u_mb``). ``None`` means anonymous."""
-    scope = conn.scope
+    return session_identity(conn.scope)
+
+
+def session_identity(scope: Scope) -> Identity | None:
+    """``default_identity`` on the ASGI scope itself: synchronous, no ``HTTPConnection``
+    (the middleware's fast path for the default resolver)."""
     user = scope.get("user")
     if user is not None and getattr(user, "is_authenticated", False):
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Unpack
@@ -28,6 +29,7 @@ from ._identity import (
     VisitorState,
     call_resolver,
     default_identity,
+    session_identity,
 )
 from ._interfaces import PersonalizeBackend
 from ._lifecycle import Lifecycle, startup_failure
@@ -38,7 +40,7 @@ from ._mode import (
     report_access,
     report_app,
 )
-from ._models import Identity
+from ._models import FetchQuery, Identity
 from ._options import (
     DEFAULT_LATENCY_BUDGET,
     DEFAULT_TRACKING_PREFIX,
@@ -52,11 +54,12 @@ from ._reporting import ReportingBackend
 from ._resolve import resolve_options
 from ._routes import RouteKeys
 from ._signing import Keyring
+from ._visit import VisitMemo
 from .cache import ClientLimiter, ExperienceStore
 from .devtools import DevTools
 from .local import ReportSource
 from .telemetry import connect_telemetry, observe_page
-from .tracking import Tracking, experience_token_part, is_bot, outbox_from_settings
+from .tracking import Tracking, experience_token_part, outbox_from_settings
 
 __all__ = ["DEFAULT_LATENCY_BUDGET", "DEFAULT_TRACKING_PREFIX", "PersonalizeMiddleware"]
 
@@ -223,6 +226,15 @@ class PersonalizeMiddleware:
             self.tracking is not None and self.tracking.bots == "ignore"
         )
         self._campaigns = CampaignSync(self.store, self.metadata)
+        self._default_identity = self.identify is default_identity
+        self._active = self.metadata.active if self.metadata is not None else None
+        self._key_status = self.metadata.status if self.metadata is not None else None
+        self._visits = VisitMemo(
+            self.attributes,
+            self.visitor_cookie,
+            crawler_defaults=self.crawlers == "defaults",
+            needs_user_agent=self._needs_user_agent,
+        )
 
     @property
     def configured_keys(self) -> tuple[str, ...]:
@@ -352,45 +364,54 @@ class PersonalizeMiddleware:
         if self.exclude_paths and path.startswith(self.exclude_paths):
             await self.app(scope, receive, send)
             return
-        keys = () if scope["method"] in _NO_FETCH_METHODS else self.routes.keys_for(path)
-        attributes = self.attributes.build(scope)
-        user_agent = attributes.get("USER_AGENT")
-        if user_agent is None and self._needs_user_agent:
-            user_agent = _header(scope, b"user-agent")
-        # A crawler with crawlers="defaults": the defaults, without an upstream call.
-        fetch = not (self.crawlers == "defaults" and user_agent and is_bot(user_agent))
-        if not fetch:
-            keys = ()
+        visit = self._visits.visit(scope)
+        keys = (
+            self.routes.keys_for(path)
+            if visit.fetch and scope["method"] not in _NO_FETCH_METHODS
+            else ()
+        )
+        attributes = visit.attributes
         visitor = VisitorState()
-        tools = None
-        if self.devtools is not None:  # read the Cookie header once, for both
-            visitor.cookie_header = _header(scope, b"cookie")
-            tools = self.devtools.session(scope, visitor.cookie_header)
-
-        async def identity_factory() -> Identity:
-            return await self._resolve_identity(scope, visitor)
-
-        telemetry = self.telemetry
+        visitor.cookie_header = visit.cookie_header
+        tools = self.devtools.session(scope, visit.cookie_header) if self.devtools else None
         preview = tools.preview if tools is not None else None
+        query = None
         if preview is not None:
             # The grant's customer or audience, not the visitor (never resolved: no visitor
             # cookie, nothing cached for the visitor), and no hooks: nothing reaches MoEngage.
-            attributes, identity_factory = preview.apply(attributes), preview.resolve
+            attributes = preview.apply(attributes)
+        elif keys and self._default_identity:
+            # The default resolver, synchronously; the visitor only when resolving it has
+            # no side effect (a valid cookie: nothing to issue). Else resolved lazily.
+            identity = session_identity(scope)
+            if identity is not None:
+                query = FetchQuery(identity, attributes)
+            elif visit.query is not None:
+                query = visit.query
+                visitor.visitor_id = visit.visitor_id
+        telemetry = self.telemetry
         handle = Personalization(
             store=self.store,
             keys=keys,
             attributes=attributes,
             budget=self.latency_budget,
-            identity_factory=identity_factory,
+            identity_factory=(
+                None
+                if query is not None
+                else preview.resolve
+                if preview is not None
+                else functools.partial(self._resolve_identity, scope, visitor)
+            ),
+            query=query,
             tracking=self.tracking if preview is None else None,
-            active_keys=self.metadata.active if self.metadata is not None else None,
-            key_status=self.metadata.status if self.metadata is not None else None,
+            active_keys=self._active,
+            key_status=self._key_status,
             devtools=tools,
-            user_agent=user_agent,
-            fetch=fetch,
+            user_agent=visit.user_agent,
+            fetch=visit.fetch,
             observer=None if telemetry is None else observe_page(telemetry, keys, self.store),
             # Worked out only on a miss: a cache hit never pays for it.
-            client=lambda: self.attributes.client_key(scope),
+            client=functools.partial(self.attributes.client_key, scope),
         )
         if preview is not None:
             handle.used = True  # private, no-store, Vary: Cookie, whatever the page reads
@@ -398,7 +419,10 @@ class PersonalizeMiddleware:
         if state is None:
             scope["state"] = state = {}
         state["personalize"] = handle
-        await handle.start()
+        if query is not None:
+            handle.begin()
+        else:
+            await handle.start()
 
         gate = ResponseGate(send, handle, visitor, self.visitor_cookie, scope)
         token = current_personalization.set(handle)
@@ -408,6 +432,11 @@ class PersonalizeMiddleware:
             current_personalization.reset(token)
             if telemetry is not None:
                 handle.finish_observing()  # the page's trace ends with the request at the latest
+            handle.end_request(
+                None
+                if handle.identity is not None or preview is not None
+                else functools.partial(self._resolve_identity, _without_state(scope), visitor)
+            )
         if gate.held is not None:  # not reached on an exception: a held start is dropped
             await gate.finish()
 
@@ -455,6 +484,11 @@ class PersonalizeMiddleware:
         visitor.set_cookie = resign
         visitor.visitor_id = visitor_id
         return Identity(visitor_id=visitor_id)
+
+
+def _without_state(scope: Scope) -> Scope:
+    """A copy of ``scope`` that does not refer to the request's handle."""
+    return {name: value for name, value in scope.items() if name != "state"}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

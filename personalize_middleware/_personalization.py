@@ -87,7 +87,7 @@ class Personalization:
         keys: tuple[str, ...],
         attributes: Mapping[str, str],
         budget: float,
-        identity_factory: Callable[[], Awaitable[Identity]],
+        identity_factory: Callable[[], Awaitable[Identity]] | None = None,
         tracking: TrackingHooks | None = None,
         active_keys: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
         user_agent: str | None = None,
@@ -96,6 +96,7 @@ class Personalization:
         devtools: PageTools | None = None,
         observer: PageObserver | None = None,
         client: ClientKey | None = None,
+        query: FetchQuery | None = None,
     ) -> None:
         self._store = store
         #: The requesting address for the per-client fetch limits, worked out on a miss.
@@ -103,9 +104,12 @@ class Personalization:
         self.keys = keys
         self.attributes = attributes
         self.budget = budget
+        if identity_factory is None and query is None:
+            raise TypeError("Personalization needs an identity_factory or a query")
         self._identity_factory = identity_factory
-        self._identity: Identity | None = None
-        self._query: FetchQuery | None = None
+        #: Given a ``query`` (the middleware's fast path), the identity is known already.
+        self._identity: Identity | None = query.identity if query is not None else None
+        self._query: FetchQuery | None = query
         self._resolved: dict[str, Experience | None] = {}
         self._futures: dict[str, asyncio.Future[Experience | None]] = {}
         self._deadline = time.monotonic() + budget
@@ -139,12 +143,34 @@ class Personalization:
                 with self._observer.activate():  # the page's trace is the fetches' parent
                     await self._request(self.keys)
 
+    def begin(self) -> None:
+        """``start`` for a handle made with its ``query``: synchronous (a cache hit never
+        yields to the event loop)."""
+        query = self._query
+        assert query is not None, "begin() needs the query given to the constructor"
+        if self.keys:
+            if self._observer is None:
+                self._lookup(query, self._wanted(self.keys))
+            else:
+                with self._observer.activate():
+                    self._lookup(query, self._wanted(self.keys))
+
+    def end_request(self, scope_free: Callable[[], Awaitable[Identity]] | None) -> None:
+        """The request is over: drop what refers to its ASGI scope (the scope refers to
+        this handle through ``scope["state"]``: a reference cycle otherwise, left to the
+        cyclic GC on every request). ``scope_free`` resolves the identity without the
+        scope, for a handle read after its request without having resolved it."""
+        self._client = None
+        self._identity_factory = None if self._identity is not None else scope_free
+
     async def resolve_identity(self) -> Identity:
         """Who this request is (the visitor cookie is issued if there was none). A page
         that asks is personal: its response is made private like one that read
         experiences."""
         self.used = True
         if self._identity is None:
+            if self._identity_factory is None:
+                raise RuntimeError("personalize: the identity of a finished request is unknown")
             self._identity = await self._identity_factory()
         return self._identity
 
@@ -154,12 +180,19 @@ class Personalization:
         return self._query
 
     async def _request(self, keys: tuple[str, ...] | list[str]) -> None:
+        wanted = self._wanted(keys)
+        if wanted:
+            self._lookup(await self._query_for_identity(), wanted)
+
+    def _wanted(self, keys: tuple[str, ...] | list[str]) -> list[str]:
+        """The keys to look up: not answered or asked yet, fetched, Active (the others
+        are answered here with the default)."""
         wanted = [k for k in keys if k not in self._resolved and k not in self._futures]
         if not wanted:
-            return
+            return wanted
         if self._fetch_off:
             self._resolved.update(dict.fromkeys(wanted))  # the defaults, without a call
-            return
+            return []
         if self._active_keys is not None:
             live = set(self._active_keys(tuple(wanted)))
             for key in wanted:
@@ -170,9 +203,11 @@ class Personalization:
             if self._observer is not None:
                 self._observer.disabled(k for k in wanted if k not in live)
             wanted = [k for k in wanted if k in live]
-            if not wanted:
-                return
-        query = await self._query_for_identity()
+        return wanted
+
+    def _lookup(self, query: FetchQuery, wanted: list[str]) -> None:
+        if not wanted:
+            return
         found, missing = self._store.lookup(query, wanted, self._why, self._client)
         if self._observer is not None:
             self._observer.looked_up(query, found)
