@@ -9,6 +9,7 @@ may be configured for rotation: the first signs, all of them verify.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import logging
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Keyring", "b64url_decode", "b64url_encode"]
+__all__ = ["Keyring", "PrefixSigner", "b64url_decode", "b64url_encode"]
 
 logger = logging.getLogger("personalize_middleware")
 
@@ -30,6 +31,34 @@ _SIG_CHARS = 22  # len(b64url_encode(16 bytes))
 def b64url_encode(data: bytes) -> str:
     """Unpadded URL-safe base64 (what cookies and tokens carry)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64url_signature(mac: bytes) -> str:
+    # b64url_encode of a 16-byte MAC without base64's Python layer (22 characters: the
+    # two "=" of padding dropped by slicing).
+    return binascii.b2a_base64(mac, newline=False).translate(_URLSAFE)[:_SIG_CHARS].decode("ascii")
+
+
+class PrefixSigner:
+    """``Keyring.sign(purpose, prefix + data)`` for many ``data`` sharing one ``prefix``
+    (a page's tokens share the identity binding): the prefix is hashed once. Signatures
+    are the same as ``sign``'s (tested)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, inner: hashlib._Hash, outer: hashlib._Hash) -> None:
+        self._inner = inner
+        self._outer = outer
+
+    def sign(self, data: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return _b64url_signature(outer.digest()[:_SIG_BYTES])
 
 
 def b64url_decode(text: str) -> bytes:
@@ -145,7 +174,21 @@ class Keyring:
 
     def sign(self, purpose: str, data: bytes) -> str:
         """The signature of ``data`` for ``purpose`` with the newest key (base64url)."""
-        return b64url_encode(self._mac(self._keys[0], purpose, data))
+        return _b64url_signature(self._mac(self._keys[0], purpose, data))
+
+    def prefix_signer(self, purpose: str, prefix: bytes) -> PrefixSigner:
+        """A signer of ``prefix + data`` for ``purpose`` with the newest key, the prefix
+        hashed now (see ``PrefixSigner``)."""
+        inner, outer = self._prepared(self._keys[0], purpose)
+        inner = inner.copy()
+        inner.update(prefix)
+        return PrefixSigner(inner, outer)
+
+    def _prepared(self, key: bytes, purpose: str) -> tuple[hashlib._Hash, hashlib._Hash]:
+        pads = self._pads.get((key, purpose))
+        if pads is None:
+            pads = self._pads[(key, purpose)] = _hmac_pads(self._derive(key, purpose))
+        return pads
 
     def verify(self, purpose: str, data: bytes, signature: str) -> int | None:
         """Index of the key that signed ``data`` (0 = newest), or ``None`` if none did.
@@ -160,9 +203,7 @@ class Keyring:
         return None
 
     def _mac(self, key: bytes, purpose: str, data: bytes) -> bytes:
-        pads = self._pads.get((key, purpose))
-        if pads is None:
-            pads = self._pads[(key, purpose)] = _hmac_pads(self._derive(key, purpose))
+        pads = self._prepared(key, purpose)
         inner, outer = pads[0].copy(), pads[1].copy()
         inner.update(data)
         outer.update(inner.digest())

@@ -12,7 +12,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from personalize_middleware._signing import _hmac_pads, b64url_decode, b64url_encode
+from personalize_middleware._signing import (
+    Keyring,
+    _b64url_signature,
+    _hmac_pads,
+    b64url_decode,
+    b64url_encode,
+)
 
 
 def prepared_mac(key: bytes, data: bytes) -> bytes:
@@ -85,3 +91,22 @@ def test_base64_round_trip_is_unpadded_and_url_safe(data: bytes) -> None:
 def test_base64_refuses_what_is_not_canonical_input(text: str) -> None:
     with pytest.raises(ValueError):
         b64url_decode(text)
+
+
+@given(
+    prefix=st.binary(max_size=200),
+    data=st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+    purpose=st.sampled_from(["track", "visitor", "preview"]),
+)
+def test_a_prefix_signer_signs_as_sign_does(prefix: bytes, data: list[bytes], purpose: str) -> None:
+    keyring = Keyring(["a-secret-of-enough-length", "an-older-secret-of-length"])
+    signer = keyring.prefix_signer(purpose, prefix)
+    for item in data:  # reusable: each signature starts from the prepared prefix
+        signature = signer.sign(item)
+        assert signature == keyring.sign(purpose, prefix + item)
+        assert keyring.verify(purpose, prefix + item, signature) == 0
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_signatures_are_unpadded_urlsafe_base64(mac: bytes) -> None:
+    assert _b64url_signature(mac) == b64url_encode(mac)

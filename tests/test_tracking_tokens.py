@@ -4,6 +4,7 @@ the page-view fast path (parts cached per experience and per page) signs the sam
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from typing import Any
@@ -413,3 +414,25 @@ def test_decoded_experience_memo_holds_only_verified_parts_and_stays_bounded() -
     read = decode_tokens(KEYRING, ALICE, many, decoded=memo)
     assert [t.key for t in read] == [f"k{i}" for i in range(1100)]
     assert 0 < len(memo) <= 1024
+
+
+_ATTRIBUTE = re.compile(r' data-pz-(impression|click)="([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+){4})"')
+
+
+@pytest.mark.anyio
+async def test_hook_attributes_need_no_escaping(site: tuple[Any, ...]) -> None:
+    """The hooks write tokens without escaping them: every character of every token, for
+    any b_id (quotes, angle brackets, ampersands, any script), is base64url or a dot, and
+    each verifies as what it was minted for."""
+    backend, store, tracking = site
+    handle = await page_view(backend, store, tracking, ALICE)
+    hero = handle.experience("hero")
+    assert hero is not None
+    b_ids = ['"><script>alert(1)</script>', "a&amp;b", "Añadir al carrito", "'`=", "x" * 128]
+    written = [str(tracking.impression_attrs(handle, hero))]
+    written += [str(tracking.click_attrs(handle, hero, b_id)) for b_id in b_ids]
+    for attribute, b_id in zip(written, [None, *b_ids], strict=True):
+        match = _ATTRIBUTE.fullmatch(attribute)
+        assert match is not None, attribute
+        decoded = decode_token(KEYRING, ALICE, match.group(2))
+        assert (match.group(1), decoded.b_id) == ("impression" if b_id is None else "click", b_id)

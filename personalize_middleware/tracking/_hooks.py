@@ -26,7 +26,7 @@ from .._exceptions import ConfigurationError
 from .._interfaces import EventOutbox, PersonalizeBackend
 from .._logging import RateLimitedLog
 from .._models import Experience, Identity
-from .._signing import Keyring
+from .._signing import Keyring, PrefixSigner
 from ._batcher import (
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_EVENT_AGE,
@@ -71,6 +71,7 @@ CLICK_ATTR = "data-pz-click"
 ENDPOINT_ATTR = "data-pz-endpoint"
 
 _CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template constants)
+_SIGNER_CACHE_LIMIT = 4096  # identities whose token signer is kept (one sha256 saved each)
 _BOT_PAGE = ("bot",)  # a page view's tracking_state when the page is a crawler's
 
 
@@ -165,6 +166,7 @@ class Tracking:
         self.stats = TrackingStats(batcher=self.batcher.stats)
         self._log = RateLimitedLog(logger)
         self._click_parts: dict[str, str] = {}
+        self._signers: dict[str, PrefixSigner] = {}
         self._script_tags: dict[str, tuple[str, Markup]] = {}
         script = _script()
         digest = hashlib.sha256(script).digest()
@@ -261,10 +263,10 @@ class Tracking:
 
     # -- template hooks ------------------------------------------------------------------------
 
-    def _new_page(self, handle: PageView) -> tuple[Identity, bytes, str] | None:
+    def _new_page(self, handle: PageView) -> tuple[Identity, PrefixSigner, str] | None:
         """The parts of this page view's tokens that are the same for every element: the
-        MAC prefix (binding the identity) and ``.render_id.expires.``, kept in the page
-        view's ``tracking_state``;
+        signer with the MAC prefix (binding the identity) hashed in, and
+        ``.render_id.expires.``, kept in the page view's ``tracking_state``;
         ``None`` when the visitor cannot be attributed (no resolved identity or no
         customer id)."""
         identity = handle.identity
@@ -274,7 +276,15 @@ class Tracking:
         if self._bot_page(handle):
             return None
         tail = _page_tail(handle.render_id, self._clock() + self.token_ttl)
-        page = handle.tracking_state = (identity, _mac_prefix(identity), tail)
+        key = identity.cache_key
+        signer = self._signers.get(key)
+        if signer is None:  # once per identity, not per page view: it is the same
+            if len(self._signers) >= _SIGNER_CACHE_LIMIT:
+                self._signers.clear()
+            signer = self._signers[key] = self.keyring.prefix_signer(
+                TOKEN_PURPOSE, _mac_prefix(identity)
+            )
+        page = handle.tracking_state = (identity, signer, tail)
         return page
 
     def _bot_page(self, handle: PageView) -> bool:
@@ -289,14 +299,14 @@ class Tracking:
 
     def _token(self, handle: PageView, experience: Experience, element: str) -> str | None:
         # The per-element work: look up the cached parts, concatenate, one HMAC.
-        page: tuple[Identity, bytes, str] | None = handle.tracking_state
+        page: tuple[Identity, PrefixSigner, str] | None = handle.tracking_state
         if page is None or page[0] is not handle.identity:
             page = self._new_page(handle)
             if page is None:
                 return None
         part: str = experience.derived.get(_DERIVED_KEY) or _cached_experience_part(experience)
         body = part + page[2] + element
-        return body + "." + self.keyring.sign(TOKEN_PURPOSE, page[1] + body.encode("ascii"))
+        return body + "." + page[1].sign(body.encode("ascii"))
 
     def token_for(
         self, handle: PageView, experience: Experience, b_id: str | None = None
@@ -324,7 +334,7 @@ class Tracking:
                 self._record_server_impression(identity, handle.render_id, experience)
             return _EMPTY
         token = self._token(handle, experience, _IMPRESSION_PART)
-        return _EMPTY if token is None else _attr(_IMPRESSION_PREFIX, token)
+        return _EMPTY if token is None else _token_attr(_IMPRESSION_PREFIX, token)
 
     def _record_server_impression(
         self, identity: Identity, render_id: str, experience: Experience
@@ -344,7 +354,7 @@ class Tracking:
         """The attribute for a clickable element inside ``experience``; ``b_id`` names it
         (``"Add to Cart"``). Raises ``TemplateUsageError`` for an invalid ``b_id``."""
         token = self._token(handle, experience, self._click_part(b_id))
-        return _EMPTY if token is None else _attr(_CLICK_PREFIX, token)
+        return _EMPTY if token is None else _token_attr(_CLICK_PREFIX, token)
 
     def script_tag(self, nonce: str | None = None, *, root_path: str = "") -> Markup:
         """``<script>`` for the tracking script: deferred, with an ``integrity`` hash (so a
@@ -394,7 +404,12 @@ def _esc(value: object) -> str:
     return str(escape(value))
 
 
-def _attr(prefix: str, value: str) -> Markup:
-    # Names are module constants (valid by construction); values are always escaped.
-    # (str.join takes the escaped Markup as the str it is; "+" would escape the prefix.)
-    return Markup("".join((prefix, escape(value), '"')))  # noqa: S704
+def _token_attr(prefix: str, token: str) -> Markup:
+    # Names are module constants. A token needs no escaping: every field is base64url,
+    # decimal digits or a render id checked against [A-Za-z0-9_-] (``_page_tail``),
+    # joined by dots (tests/test_tracking_tokens.py checks the alphabet).
+    # str.__new__: Markup's own __new__ only looks for __html__ (half the cost here).
+    return _new_str(Markup, prefix + token + '"')
+
+
+_new_str = str.__new__
