@@ -194,7 +194,11 @@ class Personalization:
             self._resolved.update(dict.fromkeys(wanted))  # the defaults, without a call
             return []
         if self._active_keys is not None:
-            live = set(self._active_keys(tuple(wanted)))
+            asked = tuple(wanted)
+            active = self._active_keys(asked)
+            if len(active) == len(asked):  # all Active (the usual case)
+                return wanted
+            live = set(active)
             for key in wanted:
                 if key not in live:
                     self._resolved[key] = None  # not Active in the workspace: default

@@ -345,3 +345,18 @@ def test_no_garbage_cycle_per_request(identity: str) -> None:
 
     few, many = asyncio.run(measure())
     assert many == few == 0, f"unreachable objects: {few} after 20 requests, {many} after 60"
+
+
+def test_the_active_key_filter_is_memoised_until_the_statuses_change() -> None:
+    from personalize_middleware.upstream._metadata import MetadataWatcher
+
+    watcher = MetadataWatcher(FakeBackend(), ("a", "b", "c"))
+    assert watcher.active(("a", "b")) == ("a", "b")  # unknown yet: everything
+    watcher.statuses = {"a": "Active", "b": "Paused", "c": "Active"}
+    first = watcher.active(("a", "b", "c"))
+    assert first == ("a", "c") and watcher.active(("a", "b", "c")) is first
+    watcher.statuses = {"a": "Paused", "b": "Active", "c": "Active"}  # a refresh
+    assert watcher.active(("a", "b", "c")) == ("b", "c")
+    for i in range(3000):  # any keys a page asks for with get_many(): bounded
+        watcher.active((f"k{i}",))
+    assert len(watcher._memo) <= 1024

@@ -27,6 +27,7 @@ __all__ = ["DEFAULT_METADATA_REFRESH", "MetadataWatcher", "suggest_key"]
 logger = logging.getLogger("personalize_middleware.metadata")
 
 DEFAULT_METADATA_REFRESH = 300.0
+_ACTIVE_MEMO_SIZE = 1024
 
 
 def suggest_key(key: str, known: list[str]) -> str | None:
@@ -71,6 +72,8 @@ class MetadataWatcher:
         self.configured_keys = configured_keys
         self.interval = interval
         self.statuses: dict[str, str] | None = None
+        self._memo_of: dict[str, str] | None = None  # the statuses ``_memo`` was made from
+        self._memo: dict[tuple[str, ...], tuple[str, ...]] = {}
         #: Called with the keys whose status changed and whether the refresh was asked
         #: for (``request_refresh``) rather than this process's own periodic one.
         self.on_change: Callable[[frozenset[str], bool], Awaitable[None]] | None = None
@@ -82,11 +85,20 @@ class MetadataWatcher:
         register(self)
 
     def active(self, keys: tuple[str, ...]) -> tuple[str, ...]:
-        """The keys worth requesting: Active ones (all of them while metadata is unknown)."""
+        """The keys worth requesting: Active ones (all of them while metadata is unknown).
+        Memoised per key tuple (a route asks for the same keys on every request) until
+        the statuses are replaced."""
         statuses = self.statuses
         if statuses is None:
             return keys
-        return tuple(k for k in keys if statuses.get(k) == "Active")
+        if statuses is not self._memo_of:
+            self._memo_of, self._memo = statuses, {}
+        found = self._memo.get(keys)
+        if found is None:
+            if len(self._memo) >= _ACTIVE_MEMO_SIZE:  # get_many() may ask for any keys
+                self._memo.clear()
+            found = self._memo[keys] = tuple(k for k in keys if statuses.get(k) == "Active")
+        return found
 
     def status(self, key: str) -> str | None:
         """``key``'s status (``Active``, ``Paused``, ``Scheduled``), ``None`` when the
