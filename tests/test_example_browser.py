@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from example_app.main import EXPERIENCES_FILE, create_app
+from personalize_middleware.tracking._guard import DEFAULT_MIN_CLICK_DELAY
 from tests.conftest import require_tool
 from tests.support.http_server import run_asgi_server
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _tools_available, person_user_agent
@@ -57,6 +58,9 @@ def test_the_example_shop_end_to_end(page: Any) -> None:
 
         page.goto(base + "/products/winter-jacket")
         page.locator("#add-to-cart").scroll_into_view_if_needed()
+        # A person reads before clicking: the endpoint drops a click sooner than a reaction
+        # time after the page was rendered (the rule under test elsewhere, not a race).
+        page.wait_for_timeout(DEFAULT_MIN_CLICK_DELAY * 1000 + 300)
         page.click("#add-to-cart")
         deadline = time.monotonic() + 15
         report = ""

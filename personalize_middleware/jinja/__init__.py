@@ -11,6 +11,8 @@ Starlette / FastAPI templates that wait for the request's experiences.
 Where things live:
 
 - ``_extension``: ``PersonalizeExtension`` (the tag) and ``setup_jinja``;
+- ``_direct``: the tag body's reads and hooks compiled to direct calls (no
+  ``Context.call`` per read);
 - ``_readers``: ``TemplateExperience`` (with the ``url`` reader), the globals / filters
   templates call, and ``set_allowed_url_hosts``;
 - ``_templates``: ``PersonalizeTemplates``, ``PersonalizedTemplateResponse`` and

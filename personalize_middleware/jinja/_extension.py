@@ -12,7 +12,8 @@
     {% endexperience %}
 
 Works in any ``jinja2.Environment``, sync or ``enable_async``; the Starlette integration
-(``PersonalizeTemplates``) lives in ``_templates``.
+(``PersonalizeTemplates``) lives in ``_templates``. The body's reads and hooks compile to
+direct calls instead of Jinja's ``Context.call`` (``_direct``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jinja2 import Environment, nodes
 from jinja2.ext import Extension
 from jinja2.lexer import describe_token
 
+from ._direct import CALL_FILTER, READ_FILTER, call, read, rewrite_calls
 from ._readers import (
     NO_URL_HOSTS,
     URL_HOSTS_SETTING,
@@ -76,6 +78,9 @@ class PersonalizeExtension(Extension):
         # What the tag compiles to: a filter is called directly with the context (a call
         # goes through Context.call's introspection), and awaited in async environments.
         environment.filters[_LOOKUP_FILTER] = personalize_experience
+        # ... and what the body's reads and hooks compile to, for the same reason (_direct).
+        environment.filters[READ_FILTER] = read
+        environment.filters[CALL_FILTER] = call
 
     def parse(self, parser: Parser) -> nodes.Node:
         lineno = next(parser.stream).lineno
@@ -109,6 +114,8 @@ class PersonalizeExtension(Extension):
             default = parser.parse_statements(("name:endexperience",), drop_needle=True)
         else:
             default = []
+        body = rewrite_calls(body, self.environment)
+        default = rewrite_calls(default, self.environment)
         lookup = nodes.Filter(key, _LOOKUP_FILTER, [], [], None, None, lineno=lineno)
         assert isinstance(target, nodes.Name)
         choose = nodes.If(nodes.Name(target.name, "load"), body, [], default, lineno=lineno)

@@ -32,14 +32,23 @@ import functools
 import importlib.resources
 import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .._exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from .._interfaces import PageView
 
 __all__ = [
     "BOT_LIST_FILE",
     "BotPatternError",
+    "check_bots",
     "is_bot",
     "literal_alternatives",
     "load_patterns",
+    "page_user_agent",
 ]
 
 #: The vendored list, a file of this package.
@@ -361,3 +370,24 @@ def is_bot(user_agent: str | bytes | None) -> bool:
 @functools.lru_cache(maxsize=_MEMO_SIZE)
 def _classify(user_agent: str) -> bool:
     return _matcher()(user_agent.lower())
+
+
+def page_user_agent(handle: PageView) -> str | None:
+    """The user agent a page view was requested with: its ``user_agent`` if it has one,
+    else the ``USER_AGENT`` session attribute (sent to MoEngage unless
+    ``send_user_agent=False``)."""
+    user_agent: Any = getattr(handle, "user_agent", None)
+    if user_agent is None:
+        attributes = getattr(handle, "attributes", None)
+        if isinstance(attributes, Mapping):
+            user_agent = attributes.get("USER_AGENT")
+    return user_agent if isinstance(user_agent, str) else None
+
+
+def check_bots(value: object) -> Literal["ignore", "track"]:
+    """``value`` if it is a ``bots`` setting (``"ignore"`` or ``"track"``)."""
+    if value == "ignore":
+        return "ignore"
+    if value == "track":
+        return "track"
+    raise ConfigurationError("bots must be 'ignore' or 'track'", field="bots")

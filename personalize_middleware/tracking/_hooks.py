@@ -15,9 +15,9 @@ import hashlib
 import importlib.resources
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from os import PathLike
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from markupsafe import Markup, escape
 
@@ -34,7 +34,7 @@ from ._batcher import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     EventBatcher,
 )
-from ._bots import is_bot
+from ._bots import check_bots, is_bot, page_user_agent
 from ._endpoint import BeaconEndpoint, EndpointPaths
 from ._guard import EventGuard, TrackingLimits
 from ._outbox_sqlite import SQLiteOutbox
@@ -138,7 +138,7 @@ class Tracking:
             raise ConfigurationError(
                 "impressions must be 'client' or 'server'", field="impressions"
             )
-        _check_bots(bots)
+        check_bots(bots)
         if limits is not None and not isinstance(limits, TrackingLimits):
             raise ConfigurationError("limits must be a TrackingLimits", field="limits")
         for name, value in (
@@ -214,7 +214,7 @@ class Tracking:
 
     @bots.setter
     def bots(self, value: Literal["ignore", "track"]) -> None:
-        self._endpoint.bots = _check_bots(value)
+        self._endpoint.bots = check_bots(value)
 
     @property
     def limits(self) -> TrackingLimits:
@@ -291,7 +291,7 @@ class Tracking:
         """A known crawler's page view (remembered in its ``tracking_state``)."""
         if handle.tracking_state is _BOT_PAGE:
             return True
-        if self.bots == "ignore" and is_bot(_page_user_agent(handle)):
+        if self.bots == "ignore" and is_bot(page_user_agent(handle)):
             handle.tracking_state = _BOT_PAGE
             self.stats.bot_page_views += 1
             return True
@@ -372,26 +372,6 @@ class Tracking:
         if nonce:
             return Markup(tags[0] + ' nonce="' + _esc(nonce) + '"></script>')  # noqa: S704
         return tags[1]
-
-
-def _page_user_agent(handle: PageView) -> str | None:
-    """The user agent a page view was requested with: its ``user_agent`` if it has one,
-    else the ``USER_AGENT`` session attribute (sent to MoEngage unless
-    ``send_user_agent=False``)."""
-    user_agent: Any = getattr(handle, "user_agent", None)
-    if user_agent is None:
-        attributes = getattr(handle, "attributes", None)
-        if isinstance(attributes, Mapping):
-            user_agent = attributes.get("USER_AGENT")
-    return user_agent if isinstance(user_agent, str) else None
-
-
-def _check_bots(value: object) -> Literal["ignore", "track"]:
-    if value == "ignore":
-        return "ignore"
-    if value == "track":
-        return "track"
-    raise ConfigurationError("bots must be 'ignore' or 'track'", field="bots")
 
 
 _EMPTY = Markup("")
