@@ -231,9 +231,11 @@ def impression(context: Context, experience: Any) -> Markup:
     """``<section{{ impression(hero) }}>``: the impression hook (empty without tracking)."""
     if type(experience) is TemplateExperience:  # the usual case, without the calls
         found: Experience | None = experience.experience
+        # The request's handle the tag found it with: what _handle_from would find.
+        handle = experience.page or _handle_from(context)
     else:
         found = _unwrap(experience, "impression")
-    handle = _handle_from(context)
+        handle = _handle_from(context)
     if found is None or handle is None or handle.tracking is None:
         return _EMPTY
     return handle.tracking.impression_attrs(handle, found)
@@ -245,9 +247,10 @@ def track_click(context: Context, experience: Any, b_id: Any) -> Markup:
     long or unprintable ``b_id`` is a ``TemplateUsageError`` even when nothing matched."""
     if type(experience) is TemplateExperience:
         found: Experience | None = experience.experience
+        handle = experience.page or _handle_from(context)
     else:
         found = _unwrap(experience, "track_click")
-    handle = _handle_from(context)
+        handle = _handle_from(context)
     if found is None or handle is None or handle.tracking is None:
         validate_b_id(b_id)
         return _EMPTY
