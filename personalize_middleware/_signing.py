@@ -53,6 +53,12 @@ class PrefixSigner:
         self._inner = inner
         self._outer = outer
 
+    def extend(self, data: bytes) -> PrefixSigner:
+        """A signer for the longer prefix ``prefix + data`` (this one is unchanged)."""
+        inner = self._inner.copy()
+        inner.update(data)
+        return PrefixSigner(inner, self._outer)
+
     def sign(self, data: bytes) -> str:
         inner = self._inner.copy()
         inner.update(data)

@@ -105,6 +105,9 @@ def test_a_prefix_signer_signs_as_sign_does(prefix: bytes, data: list[bytes], pu
         signature = signer.sign(item)
         assert signature == keyring.sign(purpose, prefix + item)
         assert keyring.verify(purpose, prefix + item, signature) == 0
+        longer = signer.extend(item)  # a longer prefix; the original is unchanged
+        assert longer.sign(b"tail") == keyring.sign(purpose, prefix + item + b"tail")
+        assert signer.sign(b"tail") == keyring.sign(purpose, prefix + b"tail")
 
 
 @given(st.binary(min_size=16, max_size=16))

@@ -70,6 +70,8 @@ IMPRESSION_ATTR = "data-pz-impression"
 CLICK_ATTR = "data-pz-click"
 ENDPOINT_ATTR = "data-pz-endpoint"
 
+#: A page view's state: identity, its signer, ``.render_id.expires.``, signers per part.
+_Page = tuple[Identity, PrefixSigner, str, dict[str, PrefixSigner]]
 _CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template constants)
 _SIGNER_CACHE_LIMIT = 4096  # identities whose token signer is kept (one sha256 saved each)
 _BOT_PAGE = ("bot",)  # a page view's tracking_state when the page is a crawler's
@@ -263,11 +265,9 @@ class Tracking:
 
     # -- template hooks ------------------------------------------------------------------------
 
-    def _new_page(self, handle: PageView) -> tuple[Identity, PrefixSigner, str] | None:
-        """The parts of this page view's tokens that are the same for every element: the
-        signer with the MAC prefix (binding the identity) hashed in, and
-        ``.render_id.expires.``, kept in the page view's ``tracking_state``;
-        ``None`` when the visitor cannot be attributed (no resolved identity or no
+    def _new_page(self, handle: PageView) -> _Page | None:
+        """This page view's ``tracking_state`` (the token parts every element shares; see
+        ``_Page``), or ``None`` when the visitor cannot be attributed (no identity or no
         customer id)."""
         identity = handle.identity
         if identity is None or identity.api_customer_id is None:
@@ -284,7 +284,8 @@ class Tracking:
             signer = self._signers[key] = self.keyring.prefix_signer(
                 TOKEN_PURPOSE, _mac_prefix(identity)
             )
-        page = handle.tracking_state = (identity, signer, tail)
+        page: _Page = (identity, signer, tail, {})
+        handle.tracking_state = page
         return page
 
     def _bot_page(self, handle: PageView) -> bool:
@@ -299,14 +300,18 @@ class Tracking:
 
     def _token(self, handle: PageView, experience: Experience, element: str) -> str | None:
         # The per-element work: look up the cached parts, concatenate, one HMAC.
-        page: tuple[Identity, PrefixSigner, str] | None = handle.tracking_state
+        page: _Page | None = handle.tracking_state
         if page is None or page[0] is not handle.identity:
             page = self._new_page(handle)
             if page is None:
                 return None
         part: str = experience.derived.get(_DERIVED_KEY) or _cached_experience_part(experience)
-        body = part + page[2] + element
-        return body + "." + page[1].sign(body.encode("ascii"))
+        # The MAC input is prefix + part + tail + element: hashed up to the element once
+        # per experience and page view (the part is most of it), per element the rest.
+        signer = page[3].get(part)
+        if signer is None:
+            signer = page[3][part] = page[1].extend((part + page[2]).encode("ascii"))
+        return part + page[2] + element + "." + signer.sign(element.encode("ascii"))
 
     def token_for(
         self, handle: PageView, experience: Experience, b_id: str | None = None
