@@ -298,7 +298,9 @@ class Tracking:
             return True
         return False
 
-    def _token(self, handle: PageView, experience: Experience, element: str) -> str | None:
+    def _token(
+        self, handle: PageView, experience: Experience, element: str, around: str = ""
+    ) -> str | None:
         # The per-element work: look up the cached parts, concatenate, one HMAC.
         page: _Page | None = handle.tracking_state
         if page is None or page[0] is not handle.identity:
@@ -311,7 +313,12 @@ class Tracking:
         signer = page[3].get(part)
         if signer is None:
             signer = page[3][part] = page[1].extend((part + page[2]).encode("ascii"))
-        return part + page[2] + element + "." + signer.sign(element.encode("ascii"))
+        signature = signer.sign(element.encode("ascii"))
+        if not around:
+            return part + page[2] + element + "." + signature
+        # The attribute in one join (around: its start). Unescaped: a token is base64url,
+        # digits, a checked render id and dots (tests/test_tracking_tokens.py).
+        return "".join((around, part, page[2], element, ".", signature, '"'))
 
     def token_for(
         self, handle: PageView, experience: Experience, b_id: str | None = None
@@ -338,8 +345,8 @@ class Tracking:
             if identity is not None and not self._bot_page(handle):
                 self._record_server_impression(identity, handle.render_id, experience)
             return _EMPTY
-        token = self._token(handle, experience, _IMPRESSION_PART)
-        return _EMPTY if token is None else _token_attr(_IMPRESSION_PREFIX, token)
+        attribute = self._token(handle, experience, _IMPRESSION_PART, _IMPRESSION_PREFIX)
+        return _EMPTY if attribute is None else _new_str(Markup, attribute)
 
     def _record_server_impression(
         self, identity: Identity, render_id: str, experience: Experience
@@ -358,8 +365,8 @@ class Tracking:
     def click_attrs(self, handle: PageView, experience: Experience, b_id: object) -> Markup:
         """The attribute for a clickable element inside ``experience``; ``b_id`` names it
         (``"Add to Cart"``). Raises ``TemplateUsageError`` for an invalid ``b_id``."""
-        token = self._token(handle, experience, self._click_part(b_id))
-        return _EMPTY if token is None else _token_attr(_CLICK_PREFIX, token)
+        attribute = self._token(handle, experience, self._click_part(b_id), _CLICK_PREFIX)
+        return _EMPTY if attribute is None else _new_str(Markup, attribute)
 
     def script_tag(self, nonce: str | None = None, *, root_path: str = "") -> Markup:
         """``<script>`` for the tracking script: deferred, with an ``integrity`` hash (so a
@@ -382,19 +389,10 @@ class Tracking:
 _EMPTY = Markup("")
 _IMPRESSION_PREFIX = " " + IMPRESSION_ATTR + '="'
 _CLICK_PREFIX = " " + CLICK_ATTR + '="'
+#: ``_new_str(Markup, text)``: Markup's own __new__ only adds a look for __html__.
+_new_str = str.__new__
 
 
 def _esc(value: object) -> str:
     # A plain str: concatenating a str with Markup would escape the str side too.
     return str(escape(value))
-
-
-def _token_attr(prefix: str, token: str) -> Markup:
-    # Names are module constants. A token needs no escaping: every field is base64url,
-    # decimal digits or a render id checked against [A-Za-z0-9_-] (``_page_tail``),
-    # joined by dots (tests/test_tracking_tokens.py checks the alphabet).
-    # str.__new__: Markup's own __new__ only looks for __html__ (half the cost here).
-    return _new_str(Markup, prefix + token + '"')
-
-
-_new_str = str.__new__
