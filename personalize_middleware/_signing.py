@@ -15,10 +15,11 @@ import hmac
 import logging
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Keyring", "PrefixSigner", "b64url_decode", "b64url_encode"]
+__all__ = ["FastSigner", "Keyring", "b64url_decode", "b64url_encode"]
 
 logger = logging.getLogger("personalize_middleware")
 
@@ -42,29 +43,28 @@ def _b64url_signature(mac: bytes) -> str:
     return binascii.b2a_base64(mac, newline=False).translate(_URLSAFE)[:_SIG_CHARS].decode("ascii")
 
 
-class PrefixSigner:
-    """``Keyring.sign(purpose, prefix + data)`` for many ``data`` sharing one ``prefix``
-    (a page's tokens share the identity binding): the prefix is hashed once. Signatures
-    are the same as ``sign``'s (tested)."""
+class FastSigner:
+    """Keyed BLAKE2b-128 (RFC 7693's keyed mode, a MAC) of ``prefix + data`` for many
+    ``data`` sharing one ``prefix``: the prefix is hashed once, each signature costs one
+    copy of the prepared state. For what a page signs per element (tracking tokens):
+    0.41 µs a signature against 0.85 µs for HMAC-SHA256 with prepared pads (median of 5
+    x 100,000, a 300-byte prefix). ``Keyring.fast_verify`` checks its signatures."""
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_state",)
 
-    def __init__(self, inner: hashlib._Hash, outer: hashlib._Hash) -> None:
-        self._inner = inner
-        self._outer = outer
+    def __init__(self, state: Any) -> None:
+        self._state = state
 
-    def extend(self, data: bytes) -> PrefixSigner:
+    def extend(self, data: bytes) -> FastSigner:
         """A signer for the longer prefix ``prefix + data`` (this one is unchanged)."""
-        inner = self._inner.copy()
-        inner.update(data)
-        return PrefixSigner(inner, self._outer)
+        state = self._state.copy()
+        state.update(data)
+        return FastSigner(state)
 
     def sign(self, data: bytes) -> str:
-        inner = self._inner.copy()
-        inner.update(data)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return _b64url_signature(outer.digest()[:_SIG_BYTES])
+        state = self._state.copy()
+        state.update(data)
+        return _b64url_signature(state.digest())
 
 
 def b64url_decode(text: str) -> bytes:
@@ -104,7 +104,7 @@ def _hmac_pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
 class Keyring:
     """Purpose-separated HMAC keys derived from one or more secrets (newest first)."""
 
-    __slots__ = ("_derived", "_keys", "_pads", "ephemeral")
+    __slots__ = ("_blake", "_derived", "_keys", "_pads", "ephemeral")
 
     def __init__(self, secret_keys: Sequence[str | bytes], *, ephemeral: bool = False) -> None:
         if not secret_keys:
@@ -125,6 +125,7 @@ class Keyring:
         self.ephemeral = ephemeral
         self._derived: dict[tuple[bytes, str], bytes] = {}
         self._pads: dict[tuple[bytes, str], tuple[hashlib._Hash, hashlib._Hash]] = {}
+        self._blake: dict[tuple[bytes, str], Any] = {}
 
     @classmethod
     def from_config(
@@ -182,13 +183,33 @@ class Keyring:
         """The signature of ``data`` for ``purpose`` with the newest key (base64url)."""
         return _b64url_signature(self._mac(self._keys[0], purpose, data))
 
-    def prefix_signer(self, purpose: str, prefix: bytes) -> PrefixSigner:
-        """A signer of ``prefix + data`` for ``purpose`` with the newest key, the prefix
-        hashed now (see ``PrefixSigner``)."""
-        inner, outer = self._prepared(self._keys[0], purpose)
-        inner = inner.copy()
-        inner.update(prefix)
-        return PrefixSigner(inner, outer)
+    def fast_signer(self, purpose: str, prefix: bytes = b"") -> FastSigner:
+        """A keyed BLAKE2b signer of ``prefix + data`` for ``purpose`` with the newest
+        key, the prefix hashed now (see ``FastSigner``)."""
+        state = self._keyed(self._keys[0], purpose).copy()
+        state.update(prefix)
+        return FastSigner(state)
+
+    def fast_verify(self, purpose: str, data: bytes, signature: str) -> int | None:
+        """``verify`` for ``FastSigner`` signatures: the index of the key that signed."""
+        if len(signature) != _SIG_CHARS or not signature.isascii():
+            return None
+        for index, key in enumerate(self._keys):
+            state = self._keyed(key, purpose).copy()
+            state.update(data)
+            if hmac.compare_digest(_b64url_signature(state.digest()), signature):
+                return index
+        return None
+
+    def _keyed(self, key: bytes, purpose: str) -> Any:
+        # Its own derived key: HMAC and BLAKE2b never share a key.
+        state = self._blake.get((key, purpose))
+        if state is None:
+            derived = self._derive(key, purpose + "/blake2b")
+            state = self._blake[(key, purpose)] = hashlib.blake2b(
+                key=derived, digest_size=_SIG_BYTES
+            )
+        return state
 
     def _prepared(self, key: bytes, purpose: str) -> tuple[hashlib._Hash, hashlib._Hash]:
         pads = self._pads.get((key, purpose))

@@ -98,16 +98,38 @@ def test_base64_refuses_what_is_not_canonical_input(text: str) -> None:
     data=st.lists(st.binary(max_size=300), min_size=1, max_size=4),
     purpose=st.sampled_from(["track", "visitor", "preview"]),
 )
-def test_a_prefix_signer_signs_as_sign_does(prefix: bytes, data: list[bytes], purpose: str) -> None:
+def test_a_fast_signer_signs_what_fast_verify_accepts(
+    prefix: bytes, data: list[bytes], purpose: str
+) -> None:
     keyring = Keyring(["a-secret-of-enough-length", "an-older-secret-of-length"])
-    signer = keyring.prefix_signer(purpose, prefix)
+    older = Keyring(["an-older-secret-of-length"])
+    signer = keyring.fast_signer(purpose, prefix)
     for item in data:  # reusable: each signature starts from the prepared prefix
         signature = signer.sign(item)
-        assert signature == keyring.sign(purpose, prefix + item)
-        assert keyring.verify(purpose, prefix + item, signature) == 0
+        assert signature == keyring.fast_signer(purpose).sign(prefix + item)
+        assert keyring.fast_verify(purpose, prefix + item, signature) == 0
+        assert keyring.fast_verify(purpose, prefix + item + b"x", signature) is None
+        assert keyring.fast_verify(purpose + "-other", prefix + item, signature) is None
+        assert keyring.verify(purpose, prefix + item, signature) is None  # not the HMAC's
+        assert (
+            keyring.fast_verify(
+                purpose, prefix + item, older.fast_signer(purpose).sign(prefix + item)
+            )
+            == 1
+        )
         longer = signer.extend(item)  # a longer prefix; the original is unchanged
-        assert longer.sign(b"tail") == keyring.sign(purpose, prefix + item + b"tail")
-        assert signer.sign(b"tail") == keyring.sign(purpose, prefix + b"tail")
+        assert longer.sign(b"tail") == keyring.fast_signer(purpose).sign(prefix + item + b"tail")
+        assert signer.sign(b"tail") == keyring.fast_signer(purpose).sign(prefix + b"tail")
+
+
+def test_a_fast_signature_is_keyed_blake2b_with_its_own_derived_key() -> None:
+    keyring = Keyring(["a-secret-of-enough-length"])
+    key = hmac.new(
+        b"a-secret-of-enough-length", b"personalize-middleware/v1/track/blake2b", hashlib.sha256
+    ).digest()
+    expected = hashlib.blake2b(b"message", key=key, digest_size=16).digest()
+    assert keyring.fast_signer("track").sign(b"message") == b64url_encode(expected)
+    assert keyring.fast_verify("track", b"message", b64url_encode(expected)) == 0
 
 
 @given(st.binary(min_size=16, max_size=16))

@@ -139,6 +139,23 @@ def test_tokens_of_the_previous_format_still_verify() -> None:
         )
 
 
+def test_tokens_signed_with_hmac_still_verify() -> None:
+    """Pages rendered before the BLAKE2b tokens (``pz-track-3``: HMAC-SHA256, the same
+    fields) keep reporting until they expire, bound to their visitor."""
+    original = token(expires=time.time() + 600)
+    current = encode_token(KEYRING, ALICE, original)
+    body = current.rpartition(".")[0]
+    previous = _sign(KEYRING, _mac_prefix(ALICE), body)
+    assert previous != current
+    assert decode_token(KEYRING, ALICE, previous) == decode_token(KEYRING, ALICE, current)
+    with pytest.raises(InvalidTokenError, match="signature"):
+        decode_token(KEYRING, BOB, previous)
+    with pytest.raises(InvalidTokenError, match="signature"):  # the HMAC under the new label
+        decode_token(
+            KEYRING, ALICE, _sign(KEYRING, b"pz-track-4\x00" + _identity_digest(ALICE), body)
+        )
+
+
 def test_rotation_old_key_verifies_until_removed() -> None:
     old = Keyring(["old-secret-0123456789"])
     rotated = Keyring(["new-secret-0123456789", "old-secret-0123456789"])
@@ -155,9 +172,12 @@ def test_signature_is_purpose_separated() -> None:
     """A token's MAC is not a valid signature for another purpose (e.g. visitor cookies)."""
     text = encode_token(KEYRING, ALICE, token())
     body, _, signature = text.rpartition(".")
-    assert KEYRING.verify("track", _mac_prefix(ALICE) + body.encode(), signature) == 0
-    assert KEYRING.verify("visitor", _mac_prefix(ALICE) + body.encode(), signature) is None
+    signed = b"pz-track-4\x00" + _identity_digest(ALICE) + body.encode()
+    assert KEYRING.fast_verify("track", signed, signature) == 0
+    assert KEYRING.fast_verify("visitor", signed, signature) is None
+    assert KEYRING.verify("visitor", signed, signature) is None
     assert KEYRING.verify("visitor", body.encode(), signature) is None
+    assert KEYRING.verify("track", _mac_prefix(ALICE) + body.encode(), signature) is None
 
 
 def test_page_shows_no_customer_id() -> None:

@@ -26,7 +26,7 @@ from .._exceptions import ConfigurationError
 from .._interfaces import EventOutbox, PersonalizeBackend
 from .._logging import RateLimitedLog
 from .._models import Experience, Identity
-from .._signing import Keyring, PrefixSigner
+from .._signing import FastSigner, Keyring
 from ._batcher import (
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_EVENT_AGE,
@@ -42,12 +42,11 @@ from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     _DERIVED_KEY,
     _IMPRESSION_PART,
-    TOKEN_PURPOSE,
     TrackingToken,
     _cached_experience_part,
     _click_part,
-    _mac_prefix,
     _page_tail,
+    token_signer,
     validate_b_id,
 )
 
@@ -71,7 +70,7 @@ CLICK_ATTR = "data-pz-click"
 ENDPOINT_ATTR = "data-pz-endpoint"
 
 #: A page view's state: identity, its signer, ``.render_id.expires.``, signers per part.
-_Page = tuple[Identity, PrefixSigner, str, dict[str, PrefixSigner]]
+_Page = tuple[Identity, FastSigner, str, dict[str, FastSigner]]
 _CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template constants)
 _SIGNER_CACHE_LIMIT = 4096  # identities whose token signer is kept (one sha256 saved each)
 _BOT_PAGE = ("bot",)  # a page view's tracking_state when the page is a crawler's
@@ -168,7 +167,7 @@ class Tracking:
         self.stats = TrackingStats(batcher=self.batcher.stats)
         self._log = RateLimitedLog(logger)
         self._click_parts: dict[str, str] = {}
-        self._signers: dict[str, PrefixSigner] = {}
+        self._signers: dict[str, FastSigner] = {}
         self._script_tags: dict[str, tuple[str, Markup]] = {}
         script = _script()
         digest = hashlib.sha256(script).digest()
@@ -281,9 +280,7 @@ class Tracking:
         if signer is None:  # once per identity, not per page view: it is the same
             if len(self._signers) >= _SIGNER_CACHE_LIMIT:
                 self._signers.clear()
-            signer = self._signers[key] = self.keyring.prefix_signer(
-                TOKEN_PURPOSE, _mac_prefix(identity)
-            )
+            signer = self._signers[key] = token_signer(self.keyring, identity)
         page: _Page = (identity, signer, tail, {})
         handle.tracking_state = page
         return page
