@@ -380,6 +380,9 @@ def build_app(
         options.setdefault("routes", {"/": list(page.keys)})
         options.setdefault("secret_key", SECRET)
         options.setdefault("metadata_refresh", None)
+        # One load generator stands for every user: the per-client fetch limits (an
+        # abuse guard, off the hit path) would shed its cold misses after a burst.
+        options.setdefault("client_limits", None)
         if backend is None and "settings" not in options:
             backend = InstantBackend()
         middleware.append(Middleware(PersonalizeMiddleware, backend=backend, **options))
