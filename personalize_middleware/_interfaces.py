@@ -302,7 +302,9 @@ class TrackingHooks(Protocol):
 
     def click_attrs(self, page: PageView, experience: Experience, b_id: object) -> Markup: ...
 
-    def script_tag(self, nonce: str | None = None, *, root_path: str = "") -> Markup: ...
+    def script_tag(
+        self, nonce: str | None = None, *, root_path: str = "", page: PageView | None = None
+    ) -> Markup: ...
 
 
 class InspectedPage(PageView, Protocol):

@@ -18,6 +18,7 @@ from personalize_middleware import (
     create_local_server,
 )
 from tests.support.http_server import run_asgi_server
+from tests.support.tracking_helpers import beacon as beacon_body
 
 SECRET = "example-test-secret-0123456789"
 #: These tests are about what pages show, not about the budget: a loaded CI machine must
@@ -85,7 +86,7 @@ def test_clicking_add_to_cart_shows_up_on_the_local_report() -> None:
         time.sleep(TrackingLimits().min_click_delay)
         beacon = client.post(
             "/_personalize/events",
-            json={"events": [token.group(1)]},
+            json=beacon_body(page, [token.group(1)]),
             headers={"origin": "http://testserver", "sec-fetch-site": "same-origin"},
         )
         assert beacon.status_code == 204

@@ -30,6 +30,7 @@ from personalize_middleware import (
     Experience,
     ExperienceStore,
     Identity,
+    InvalidTokenError,
     Personalization,
     PersonalizeMiddleware,
     TemplateUsageError,
@@ -42,11 +43,18 @@ from personalize_middleware.jinja import (
     setup_jinja,
     setup_templates,
 )
-from personalize_middleware.tracking import Tracking, decode_token
-from tests.support.tracking_helpers import StaticBackend, context_for
+from personalize_middleware.tracking import Tracking
+from tests.support.tracking_helpers import (
+    StaticBackend,
+    context_for,
+    hook_values,
+    page_manifest,
+    read_hooks,
+)
 
 KEYRING = Keyring(["jinja-test-secret-0123456789"])
 ALICE = Identity(customer_id="alice")
+BOB = Identity(customer_id="bob")
 XSS_TEXT = "<script>alert(1)</script>"
 XSS_ATTR = '" onmouseover="alert(1)'
 
@@ -255,21 +263,28 @@ async def test_async_env_fetches_keys_the_route_did_not_ask_for() -> None:
 @both
 @pytest.mark.anyio
 async def test_hooks_carry_signed_tokens_for_this_page_view(is_async: bool) -> None:
-    handle = await make_handle()
-    source = """\
+    """Hooks before the page's script hold indexes into the manifest the script tag
+    carries; hooks after it, full tokens. Both verify for this visitor as what they were
+    rendered for."""
+    body = """\
 {% experience "hero" as hero %}<div{{ hero | impression }}>\
 <button{{ track_click(hero, "Add to Cart") }}>A</button>\
 <button{{ hero | track_click("Wishlist") }}>W</button></div>{% endexperience %}"""
-    out = await render(source, handle, is_async=is_async)
-    (shown,) = tokens(out, "data-pz-impression")
-    clicks = tokens(out, "data-pz-click")
-    impression = decode_token(KEYRING, ALICE, shown)
-    assert (impression.kind, impression.key, impression.b_id) == ("shown", "hero", None)
-    assert impression.render_id == handle.render_id
-    assert impression.context == context_for("hero")
-    b_ids = [decode_token(KEYRING, ALICE, t).b_id for t in clicks]
-    assert b_ids == ["Add to Cart", "Wishlist"]
-    assert "alice" not in out
+    for source in (body + "{{ personalize_script() }}", "{{ personalize_script() }}" + body):
+        handle = await make_handle()
+        out = await render(source, handle, is_async=is_async)
+        indexed = source.startswith("{% experience")
+        assert [v.startswith("~") for v in hook_values(out)] == [indexed] * 3
+        assert (page_manifest(out) is not None) is indexed
+        (impression,) = read_hooks(KEYRING, ALICE, out, "impression")
+        assert (impression.kind, impression.key, impression.b_id) == ("shown", "hero", None)
+        assert impression.render_id == handle.render_id
+        assert impression.context == context_for("hero")
+        b_ids = [t.b_id for t in read_hooks(KEYRING, ALICE, out, "click")]
+        assert b_ids == ["Add to Cart", "Wishlist"]
+        assert "alice" not in out
+        with pytest.raises(InvalidTokenError):  # another visitor's page
+            read_hooks(KEYRING, BOB, out)
 
 
 @both

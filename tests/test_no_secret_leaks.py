@@ -46,6 +46,8 @@ from personalize_middleware.tracking import TrackingLimits
 from personalize_middleware.upstream._breaker import CircuitBreaker
 from tests.support.faulty_upstream import Fault, FaultyUpstream, wait_until
 from tests.support.http_server import run_asgi_server
+from tests.support.tracking_helpers import beacon as beacon_body
+from tests.support.tracking_helpers import hook_values
 
 pytestmark = pytest.mark.anyio
 
@@ -165,9 +167,11 @@ async def visit(client: httpx.AsyncClient, user: str | None, pages: list[str]) -
     response = await client.get("/", headers=headers)
     assert response.status_code == 200
     pages.append(response.text + "\n" + "\n".join(response.headers.get_list("set-cookie")))
-    tokens = re.findall(r'data-pz-(?:impression|click)="([^"]+)"', response.text)
+    tokens = hook_values(response.text)
     if tokens:
-        beacon = await client.post("/_personalize/events", json={"events": tokens}, headers=headers)
+        beacon = await client.post(
+            "/_personalize/events", json=beacon_body(response.text), headers=headers
+        )
         assert beacon.status_code == 204
 
 

@@ -46,6 +46,7 @@ from personalize_middleware._grants import (
 from personalize_middleware.cli import main
 from personalize_middleware.local import device_type
 from tests.support.fake_backend import FakeBackend
+from tests.support.tracking_helpers import beacon
 
 SECRET = "preview-test-secret-0123456789"
 KEYRING = Keyring([SECRET])
@@ -446,22 +447,19 @@ def test_a_previewing_browser_s_beacons_are_dropped(backend: FakeBackend) -> Non
     middleware.tracking.limits = TrackingLimits.off()  # the beacons follow their page at once
     headers = {"origin": "http://testserver", "sec-fetch-site": "same-origin"}
     with TestClient(middleware) as client:
-        tokens = hooks(client.get("/").text)  # valid tokens of this visitor's own page
+        page = client.get("/").text
+        tokens = hooks(page)  # valid hooks of this visitor's own page
         assert len(tokens) == 2
+        body = beacon(page)
         open_link(
             client, preview_link("http://testserver/", secret_key=SECRET, customer_id="alice")
         )
-        answer = client.post("/_personalize/events", json={"events": tokens}, headers=headers)
+        answer = client.post("/_personalize/events", json=body, headers=headers)
         assert answer.status_code == 204
         assert middleware.devtools is not None and middleware.devtools.dropped_beacons == 1
         assert middleware.tracking is not None and middleware.tracking.stats.beacons == 0
         client.cookies.delete(PREVIEW_COOKIE)
-        assert (
-            client.post(
-                "/_personalize/events", json={"events": tokens}, headers=headers
-            ).status_code
-            == 204
-        )
+        assert client.post("/_personalize/events", json=body, headers=headers).status_code == 204
         assert middleware.tracking.stats.accepted == 2
     # The batcher flushed on shutdown: only the events sent outside the preview arrived.
     assert sum(len(element["actions"]) for element in backend.events) == 2

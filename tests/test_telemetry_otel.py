@@ -47,6 +47,7 @@ from personalize_middleware.upstream import CircuitBreaker
 from tests.support.faulty_upstream import Fault, FaultyUpstream, experience_for, wait_until
 from tests.support.http_server import run_asgi_server
 from tests.support.tracking_helpers import API_SECRET, WORKSPACE_ID, EventsStandIn
+from tests.support.tracking_helpers import beacon as beacon_body
 
 pytestmark = pytest.mark.anyio
 
@@ -345,7 +346,8 @@ async def test_a_page_asking_for_nothing_makes_no_span(site: Traced) -> None:
 
 PAGE = """\
 {% experience "hero" as hero %}<section{{ impression(hero) }}>{{ hero.title }}\
-<button{{ track_click(hero, "Add to Cart") }}>Add</button></section>{% endexperience %}"""
+<button{{ track_click(hero, "Add to Cart") }}>Add</button></section>{% endexperience %}\
+{{ personalize_script() }}"""
 
 
 class ServerSpan:
@@ -399,10 +401,10 @@ def tokens(text: str) -> list[str]:
     return [html.unescape(v) for v in re.findall(r' data-pz-(?:impression|click)="([^"]*)"', text)]
 
 
-def beacon(client: TestClient, found: list[str]) -> int:
+def beacon(client: TestClient, page: str, found: list[str]) -> int:
     return client.post(
         "/_personalize/events",
-        json={"events": found},
+        json=beacon_body(page, found),
         headers={"origin": "http://testserver", "sec-fetch-site": "same-origin"},
     ).status_code
 
@@ -415,10 +417,11 @@ def test_impressions_and_clicks_are_events_on_the_beacon_requests_span() -> None
     with run_asgi_server(standin.app()) as root:
         app = tracked_site(root + "/v1", provider, server_span=True)
         with TestClient(app, headers={"x-user": "u-42"}) as client:
-            found = tokens(client.get("/").text)
+            page = client.get("/").text
+            found = tokens(page)
             assert len(found) == 2
-            assert beacon(client, found) == 204
-            assert beacon(client, found) == 204  # a replay: not forwarded again
+            assert beacon(client, page, found) == 204
+            assert beacon(client, page, found) == 204  # a replay: not forwarded again
         # Leaving ran the shutdown: the batcher delivered, and that call has its span.
     spans = {s.name: s for s in exporter.get_finished_spans()}
     server = [s for s in exporter.get_finished_spans() if s.name == "POST /_personalize/events"]
@@ -455,8 +458,9 @@ def test_without_a_current_span_an_accepted_event_gets_a_span_of_its_own() -> No
     with run_asgi_server(standin.app()) as root:
         app = tracked_site(root + "/v1", provider, server_span=False)
         with TestClient(app, headers={"x-user": "u-43"}) as client:
-            found = tokens(client.get("/").text)
-            assert beacon(client, found[:1]) == 204
+            page = client.get("/").text
+            found = tokens(page)
+            assert beacon(client, page, found[:1]) == 204
     (own,) = [s for s in exporter.get_finished_spans() if s.name == "personalize.event"]
     ((name, attributes),) = [(e.name, dict(e.attributes or {})) for e in own.events]
     assert name == "personalize.impression"

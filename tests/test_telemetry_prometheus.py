@@ -48,7 +48,7 @@ from tests.conftest import require_tool
 from tests.support.faulty_upstream import Fault, FaultyUpstream, wait_until
 from tests.support.http_server import run_asgi_server
 from tests.support.redis_support import REDIS_URL, delete_workspace, new_workspace, redis_available
-from tests.support.tracking_helpers import API_SECRET, WORKSPACE_ID, EventsStandIn, error
+from tests.support.tracking_helpers import API_SECRET, WORKSPACE_ID, EventsStandIn, beacon, error
 
 pytestmark = pytest.mark.anyio
 
@@ -326,7 +326,8 @@ async def test_shared_hits_and_budget_denials_with_redis(upstream: FaultyUpstrea
 
 PAGE = """\
 {% experience "hero" as hero %}<section{{ impression(hero) }}>{{ hero.title }}\
-<button{{ track_click(hero, "Add to Cart") }}>Add</button></section>{% endexperience %}"""
+<button{{ track_click(hero, "Add to Cart") }}>Add</button></section>{% endexperience %}\
+{{ personalize_script() }}"""
 
 
 def tracked_site(base_url: str, registry: CollectorRegistry) -> Starlette:
@@ -363,7 +364,7 @@ def send_page_events(client: TestClient) -> None:
     assert len(found) == 2
     response = client.post(
         "/_personalize/events",
-        json={"events": found},
+        json=beacon(text, found),
         headers={"origin": "http://testserver", "sec-fetch-site": "same-origin"},
     )
     assert response.status_code == 204

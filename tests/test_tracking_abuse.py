@@ -8,9 +8,7 @@ script waited"); the rules are pinned at the ASGI level with tokens of a known a
 from __future__ import annotations
 
 import contextlib
-import html
 import json
-import re
 import selectors
 import socket
 import statistics
@@ -39,7 +37,9 @@ from tests.support.tracking_helpers import (
     GOOGLEBOT_USER_AGENT,
     FakeClock,
     StaticBackend,
+    beacon,
     context_for,
+    hook_values,
 )
 
 SECRET = "abuse-test-secret-0123456789"
@@ -82,9 +82,17 @@ def shop(backend: StaticBackend, tracking: Tracking) -> PersonalizeMiddleware:
     )
 
 
-def page_tokens(text: str) -> list[str]:
-    found = re.findall(r' data-pz-(?:impression|click)="([^"]*)"', text)
-    return [html.unescape(token) for token in found]
+class PageHooks(list[str]):
+    """A page's hook values (tokens, or indexes into its manifest) and the body of the
+    beacon the script would send for them (``body``: with the manifest)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(hook_values(text))
+        self.body = beacon(text, list(self))
+
+
+def page_tokens(text: str) -> PageHooks:
+    return PageHooks(text)
 
 
 def delivered(backend: StaticBackend) -> list[Any]:
@@ -107,7 +115,7 @@ def replay(base: str, pages: int, *, beacon_user_agent: str | None = None) -> fl
             fetched = time.monotonic()
             tokens = page_tokens(page.text)
             assert len(tokens) == TOKENS_PER_PAGE, page.text
-            answer = client.post(EVENTS, json={"events": tokens}, headers=beacon_headers)
+            answer = client.post(EVENTS, json=tokens.body, headers=beacon_headers)
             delays.append(time.monotonic() - fetched)
             assert answer.status_code == 204  # the same answer as for a person's beacon
     finally:
@@ -151,10 +159,10 @@ def test_tokens_refused_as_too_early_stay_refused_later() -> None:
         with client:
             pages = [page_tokens(client.get("/").text) for _ in range(10)]
             for tokens in pages:
-                assert client.post(EVENTS, json={"events": tokens}).status_code == 204
+                assert client.post(EVENTS, json=tokens.body).status_code == 204
             clock.advance(5)  # a person could have seen and clicked all of it by now
             for tokens in pages:
-                assert client.post(EVENTS, json={"events": tokens}).status_code == 204
+                assert client.post(EVENTS, json=tokens.body).status_code == 204
     stats = tracking.stats
     assert (stats.accepted, stats.rejected_too_soon, stats.replays) == (0, 40, 40)
     assert delivered(backend) == []
@@ -173,7 +181,7 @@ def test_a_patient_script_is_held_to_a_persons_rate() -> None:
             pages = [page_tokens(one.get("/").text) for _ in range(100)]
             clock.advance(2)
             for tokens in pages:
-                assert one.post(EVENTS, json={"events": tokens}).status_code == 204
+                assert one.post(EVENTS, json=tokens.body).status_code == 204
             assert tracking.stats.accepted == 120  # of 400: one visitor's minute
             # Now a fresh anonymous visitor for each page, from the same address.
             many = []
@@ -185,7 +193,7 @@ def test_a_patient_script_is_held_to_a_persons_rate() -> None:
             one.cookies.clear()
             clock.advance(2)
             for visitor, tokens in many:
-                answer = one.post(EVENTS, json={"events": tokens}, headers={"cookie": visitor})
+                answer = one.post(EVENTS, json=tokens.body, headers={"cookie": visitor})
                 assert answer.status_code == 204
     # The address had spent 120 of its 300 on the first run and refilled 10 in 2 s.
     assert tracking.stats.accepted == 120 + 180 + 10

@@ -79,10 +79,15 @@ def hooks(text: str) -> dict[str, list[str]]:
     return found
 
 
-def post(client: TestClient, tokens: list[str]) -> int:
+def post(client: TestClient, tokens: list[str], found: dict[str, list[str]]) -> int:
+    """Beacon ``tokens`` of the page whose hooks are ``found`` (its manifest goes along,
+    as the script sends it, when a hook holds an index into it)."""
+    body: dict[str, object] = {"events": tokens}
+    if "data-pz-page" in found and any(t.startswith("~") for t in tokens):
+        body["page"] = found["data-pz-page"][-1]
     response = client.post(
         "/_personalize/events",
-        json={"events": tokens},
+        json=body,
         headers={"origin": "http://testserver", "sec-fetch-site": "same-origin"},
     )
     return response.status_code
@@ -99,9 +104,9 @@ def test_anonymous_visitor_page_to_events() -> None:
         clock.advance(1.5)  # the visitor saw the hero for a second, then clicked
         # Someone else (no cookie: a new anonymous visitor) cannot use this page's tokens.
         # (No `with`: a second lifespan would shut the shared middleware down.)
-        assert post(TestClient(client.app), tokens) == 403
-        assert post(client, tokens) == 204
-        assert post(client, tokens) == 204  # replay: accepted, forwarded once
+        assert post(TestClient(client.app), tokens, found) == 403
+        assert post(client, tokens, found) == 204
+        assert post(client, tokens, found) == 204  # replay: accepted, forwarded once
     # Leaving the TestClient ran the lifespan shutdown, which flushed the batcher.
     (element,) = backend.events
     assert element["customer_id"] and element["customer_id"] in visitor_cookie
@@ -117,9 +122,9 @@ def test_logged_in_user_is_reported_by_customer_id() -> None:
         found = hooks(client.get("/").text)
         clock.advance(1.5)
         assert "u-42" not in "".join(found["data-pz-impression"])
-        assert post(client, found["data-pz-impression"]) == 204
+        assert post(client, found["data-pz-impression"], found) == 204
         client.headers["x-user"] = "u-43"  # logged in as someone else since
-        assert post(client, found["data-pz-click"]) == 403
+        assert post(client, found["data-pz-click"], found) == 403
     assert [e["customer_id"] for e in backend.events] == ["u-42"]
 
 
@@ -163,9 +168,9 @@ def test_tokens_posted_as_soon_as_the_page_arrives_are_not_counted() -> None:
         found = hooks(client.get("/").text)
         tokens = found["data-pz-impression"] + found["data-pz-click"]
         clock.advance(0.05)
-        assert post(client, tokens) == 204  # nothing for a script to tune against
+        assert post(client, tokens, found) == 204  # nothing for a script to tune against
         clock.advance(5)
-        assert post(client, tokens) == 204
+        assert post(client, tokens, found) == 204
         stats = tracking.stats
         assert (stats.accepted, stats.rejected_too_soon, stats.replays) == (0, 2, 2)
     assert backend.events == []

@@ -22,6 +22,7 @@ from personalize_middleware import (
 )
 from personalize_middleware._signing import Keyring, b64url_decode, b64url_encode
 from personalize_middleware.tracking import Tracking
+from personalize_middleware.tracking._pages import decode_events
 from personalize_middleware.tracking._tokens import (
     InvalidTokenError,
     TrackingToken,
@@ -34,7 +35,12 @@ from personalize_middleware.tracking._tokens import (
     encode_token,
     validate_b_id,
 )
-from tests.support.tracking_helpers import StaticBackend, api_experience, context_for
+from tests.support.tracking_helpers import (
+    StaticBackend,
+    api_experience,
+    context_for,
+    page_manifest,
+)
 
 KEYRING = Keyring(["k" * 32])
 ALICE = Identity(customer_id="alice@example.com")
@@ -392,9 +398,13 @@ async def test_click_hook_checks_every_b_id_and_keeps_few(site: tuple[Any, ...])
     hero = handle.experience("hero")
     assert hero is not None
     b_ids = [f"button {i}" for i in range(300)]
-    attrs = [tracking.click_attrs(handle, hero, b_id) for b_id in b_ids * 2]
+    attrs = [tracking.click_attrs(handle, hero, b_id) for b_id in b_ids * 2]  # indexes
     texts = [str(a).split('"')[1] for a in attrs]
-    assert [t.b_id for t in decode_tokens(KEYRING, ALICE, texts)] == b_ids * 2
+    manifest = page_manifest(str(tracking.script_tag(page=handle)))
+    read = decode_events(KEYRING, ALICE, texts, page=manifest, now=time.time(), decoded={})
+    assert [t.b_id for t in read] == b_ids * 2
+    after = [str(tracking.click_attrs(handle, hero, b_id)).split('"')[1] for b_id in b_ids]
+    assert [t.b_id for t in decode_tokens(KEYRING, ALICE, after)] == b_ids  # full tokens
     assert len(tracking._click_parts) <= 256
     for bad in ("", "x" * 129, "a\nb", ["a"], {"a": 1}, None):
         with pytest.raises(TemplateUsageError):
@@ -449,10 +459,30 @@ async def test_hook_attributes_need_no_escaping(site: tuple[Any, ...]) -> None:
     hero = handle.experience("hero")
     assert hero is not None
     b_ids = ['"><script>alert(1)</script>', "a&amp;b", "Añadir al carrito", "'`=", "x" * 128]
-    written = [str(tracking.impression_attrs(handle, hero))]
-    written += [str(tracking.click_attrs(handle, hero, b_id)) for b_id in b_ids]
-    for attribute, b_id in zip(written, [None, *b_ids], strict=True):
-        match = _ATTRIBUTE.fullmatch(attribute)
-        assert match is not None, attribute
-        decoded = decode_token(KEYRING, ALICE, match.group(2))
-        assert (match.group(1), decoded.b_id) == ("impression" if b_id is None else "click", b_id)
+    for script_first in (False, True):
+        handle.tracking_state = None  # a new page view
+        first = str(tracking.script_tag(page=handle)) if script_first else ""
+        written = [str(tracking.impression_attrs(handle, hero))]
+        written += [str(tracking.click_attrs(handle, hero, b_id)) for b_id in b_ids]
+        tag = first or str(tracking.script_tag(page=handle))
+        manifest = _MANIFEST.search(tag)
+        assert (manifest is None) is script_first, tag
+        values = []
+        for attribute in written:
+            match = (_ATTRIBUTE if script_first else _INDEXED).fullmatch(attribute)
+            assert match is not None, attribute
+            values.append(match.group(2))
+        read = decode_events(
+            KEYRING,
+            ALICE,
+            values,
+            page=manifest.group(1) if manifest else None,
+            now=time.time(),
+            decoded={},
+        )
+        assert [t.b_id for t in read] == [None, *b_ids]
+        assert [t.kind for t in read] == ["shown"] + ["clicked"] * len(b_ids)
+
+
+_INDEXED = re.compile(r' data-pz-(impression|click)="(~[0-9]+)"')
+_MANIFEST = re.compile(r' data-pz-page="([A-Za-z0-9_~-]+(?:\.[A-Za-z0-9_~-]+){4})"')

@@ -330,7 +330,7 @@ def personalize_script(context: Context, nonce: str | None = None) -> Markup:
     tags = (
         _EMPTY
         if handle.tracking is None
-        else handle.tracking.script_tag(nonce, root_path=root_path)
+        else handle.tracking.script_tag(nonce, root_path=root_path, page=handle)
     )
     if handle.devtools is not None:
         tags += handle.devtools.page_markup(handle, nonce, root_path=root_path)

@@ -14,7 +14,7 @@ from .._signing import b64url_decode
 
 __all__ = ["HookedPage", "click", "view"]
 
-_ATTR = re.compile(r'\sdata-pz-(impression|click|endpoint)="([^"]*)"')
+_ATTR = re.compile(r'\sdata-pz-(impression|click|endpoint|page)="([^"]*)"')
 
 
 class _Client(Protocol):
@@ -25,32 +25,43 @@ class _Client(Protocol):
 
 class HookedPage:
     """The tracking hooks of one rendered page: impression tokens, click tokens by
-    ``b_id``, and where the script would send them."""
+    ``b_id``, where the script would send them, and the page's manifest (``page``: what
+    hooks that hold an index, ``"~3"``, stand for; the script sends it along)."""
 
     def __init__(self, text: str) -> None:
         self.impressions: list[str] = []
         self.clicks: dict[str, list[str]] = {}
         self.endpoint: str | None = None
-        for kind, raw in _ATTR.findall(text):
-            value = html.unescape(raw)
+        self.page: str | None = None
+        found = [(kind, html.unescape(raw)) for kind, raw in _ATTR.findall(text)]
+        for kind, value in found:
+            if kind == "page":
+                self.page = value  # the last one lists the most hooks, as the script reads
+        for kind, value in found:
             if kind == "impression":
                 self.impressions.append(value)
             elif kind == "click":
-                self.clicks.setdefault(_b_id(value), []).append(value)
-            else:
+                self.clicks.setdefault(_b_id(value, self.page), []).append(value)
+            elif kind == "endpoint":
                 self.endpoint = value
 
     def __repr__(self) -> str:
         return (
             f"HookedPage(impressions={len(self.impressions)}, clicks={sorted(self.clicks)}, "
-            f"endpoint={self.endpoint!r})"
+            f"endpoint={self.endpoint!r}, manifest={self.page is not None})"
         )
 
 
-def _b_id(token: str) -> str:
-    # The element field of a click token is "c" + base64url(b_id) (see tracking/_tokens).
+def _b_id(token: str, page: str | None) -> str:
+    # The element field of a click token is "c" + base64url(b_id) (see tracking/_tokens);
+    # a hook's index ("~3") names the page manifest's element (see tracking/_pages).
     fields = token.split(".")
     element = fields[3] if len(fields) == 5 else ""
+    listed = page.split(".") if page is not None and token.startswith("~") else []
+    if len(listed) == 5 and token[1:].isdigit():
+        elements = listed[3].split("~")
+        index = int(token[1:])
+        element = elements[index].lstrip("0123456789") if index < len(elements) else ""
     if not element.startswith("c"):
         return ""
     try:
@@ -88,7 +99,10 @@ def _send(
         origin = f"{parts.scheme}://{parts.netloc}"
     if origin is not None:
         headers["origin"] = origin
-    response = client.post(page.endpoint, json={"events": list(tokens)}, headers=headers)
+    body: dict[str, Any] = {"events": list(tokens)}
+    if page.page is not None and any(token.startswith("~") for token in tokens):
+        body["page"] = page.page
+    response = client.post(page.endpoint, json=body, headers=headers)
     return int(response.status_code)
 
 

@@ -1,6 +1,8 @@
 """The beacon endpoint: ``POST {prefix}/events`` and ``GET {prefix}/personalize.<hash>.js``.
 
-A beacon is ``{"events": ["<token>", ...]}`` (at most ``max_events`` tokens). It is
+A beacon is ``{"events": ["<token>", ...]}`` (at most ``max_events`` tokens), or, for
+hooks that wrote an index, ``{"events": ["~3", ...], "page": "<manifest>"}`` (``_pages``;
+the two mix). It is
 accepted (204) only when it comes from the page's own origin, fits in ``max_body`` bytes,
 arrives whole within ``body_timeout`` seconds, and *every* token verifies for the visitor
 sending it; otherwise nothing of it is forwarded (400 malformed, 403 forged / expired /
@@ -36,8 +38,9 @@ from .._models import Identity
 from .._signing import Keyring
 from ._bots import is_bot
 from ._guard import EventGuard, address_key
+from ._pages import decode_events
 from ._recorder import EventRecorder, TrackingStats
-from ._tokens import TrackingToken, decode_tokens
+from ._tokens import TrackingToken
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
@@ -217,15 +220,16 @@ class BeaconEndpoint:
         if body is None:
             stats.rejected_too_large += 1
             return _text(413, "payload too large")
-        texts = _parse_beacon(body)
-        if texts is None:
+        parsed = _parse_beacon(body)
+        if parsed is None:
             stats.rejected_malformed += 1
             return _text(400, "bad request")
+        texts, page = parsed
         if len(texts) > self._max_events:
             stats.rejected_too_large += 1
             return _text(413, "too many events")
         now = self._clock()
-        tokens = self._verify(texts, identity, now)
+        tokens = self._verify(texts, page, identity, now)
         if tokens is None or identity is None:
             stats.rejected_forbidden += 1
             return _text(403, "forbidden")
@@ -264,13 +268,18 @@ class BeaconEndpoint:
         return await recorder.record_all(identity, admitted, now, event_uuids=uuids)
 
     def _verify(
-        self, texts: list[str], identity: Identity | None, now: float
+        self, texts: list[str], page: str | None, identity: Identity | None, now: float
     ) -> list[TrackingToken] | None:
         if identity is None:
             return None
         try:
-            return decode_tokens(
-                self._keyring, identity, texts, now=now, decoded=self._decoded_experiences
+            return decode_events(
+                self._keyring,
+                identity,
+                texts,
+                page=page,
+                now=now,
+                decoded=self._decoded_experiences,
             )
         except InvalidTokenError as exc:
             self._log.debug("bad-token", "personalize: beacon refused: %s", exc)
@@ -351,7 +360,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def _parse_beacon(body: bytes) -> list[str] | None:
+def _parse_beacon(body: bytes) -> tuple[list[str], str | None] | None:
+    """(events, page manifest or ``None``), or ``None`` when malformed."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -363,7 +373,10 @@ def _parse_beacon(body: bytes) -> list[str] | None:
         return None
     if not all(isinstance(item, str) for item in events):
         return None
-    return events
+    page = data.get("page")
+    if page is not None and not isinstance(page, str):
+        return None
+    return events, page
 
 
 def _origin_matches_host(origin: str, host: str) -> bool:

@@ -1,10 +1,13 @@
 """Impression and click tracking: template hooks, the script, the endpoint, the batcher.
 
-A page carries, on the element that shows an experience and on each clickable element
-inside it, a signed *tracking token* (format and verification in ``_tokens``). The hooks
-here build them from parts cached where they change: the experience part on the
-``Experience``, the identity digest, render id and expiry on the page view's handle; per
-element only the element part and one HMAC remain.
+A hook rendered before the page's ``personalize_script()`` writes an index into the
+page's manifest, which the script tag carries, signed once (``_pages``); a hook rendered
+after it, a signed *tracking token* (format and verification in ``_tokens``). Both are
+built from parts cached where they change: the experience part on the ``Experience``,
+the signers per identity, render id, expiry and manifest on the page view's handle.
+
+Longer than ~400 lines because ``Tracking`` is tracking's one public face: its options,
+lifecycle and endpoint routing, and the template hooks' hot path beside them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ._bots import check_bots, is_bot, page_user_agent
 from ._endpoint import BeaconEndpoint, EndpointPaths
 from ._guard import EventGuard, TrackingLimits
 from ._outbox_sqlite import SQLiteOutbox
+from ._pages import INDEX_MARK, PAGE_ATTR, PageState, page_signer
 from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     _DERIVED_KEY,
@@ -69,11 +73,10 @@ IMPRESSION_ATTR = "data-pz-impression"
 CLICK_ATTR = "data-pz-click"
 ENDPOINT_ATTR = "data-pz-endpoint"
 
-#: A page view's state: identity, its signer, ``.render_id.expires.``, signers per part.
-_Page = tuple[Identity, FastSigner, str, dict[str, FastSigner]]
 _CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template constants)
 _SIGNER_CACHE_LIMIT = 4096  # identities whose token signer is kept (one sha256 saved each)
 _BOT_PAGE = ("bot",)  # a page view's tracking_state when the page is a crawler's
+_SCRIPT_FIRST = ("script",)  # ... when personalize_script() came before any hook
 
 
 @functools.cache
@@ -167,7 +170,7 @@ class Tracking:
         self.stats = TrackingStats(batcher=self.batcher.stats)
         self._log = RateLimitedLog(logger)
         self._click_parts: dict[str, str] = {}
-        self._signers: dict[str, FastSigner] = {}
+        self._signers: dict[str, tuple[FastSigner, FastSigner]] = {}
         self._script_tags: dict[str, tuple[str, Markup]] = {}
         script = _script()
         digest = hashlib.sha256(script).digest()
@@ -264,10 +267,10 @@ class Tracking:
 
     # -- template hooks ------------------------------------------------------------------------
 
-    def _new_page(self, handle: PageView) -> _Page | None:
-        """This page view's ``tracking_state`` (the token parts every element shares; see
-        ``_Page``), or ``None`` when the visitor cannot be attributed (no identity or no
-        customer id)."""
+    def _new_page(self, handle: PageView, closed: bool = False) -> PageState | None:
+        """This page view's ``tracking_state`` (what every hook of it shares, see
+        ``PageState``), or ``None`` when the visitor cannot be attributed (no identity or
+        no customer id) or is a known crawler."""
         identity = handle.identity
         if identity is None or identity.api_customer_id is None:
             self._log.debug("unattributable", "personalize: no customer id; hook left empty")
@@ -276,12 +279,15 @@ class Tracking:
             return None
         tail = _page_tail(handle.render_id, self._clock() + self.token_ttl)
         key = identity.cache_key
-        signer = self._signers.get(key)
-        if signer is None:  # once per identity, not per page view: it is the same
+        signers = self._signers.get(key)
+        if signers is None:  # once per identity, not per page view: they are the same
             if len(self._signers) >= _SIGNER_CACHE_LIMIT:
                 self._signers.clear()
-            signer = self._signers[key] = token_signer(self.keyring, identity)
-        page: _Page = (identity, signer, tail, {})
+            signers = self._signers[key] = (
+                token_signer(self.keyring, identity),
+                page_signer(self.keyring, identity),
+            )
+        page = PageState(identity, signers[0], signers[1], tail, closed)
         handle.tracking_state = page
         return page
 
@@ -298,24 +304,25 @@ class Tracking:
     def _token(
         self, handle: PageView, experience: Experience, element: str, around: str = ""
     ) -> str | None:
-        # The per-element work: look up the cached parts, concatenate, one HMAC.
-        page: _Page | None = handle.tracking_state
-        if page is None or page[0] is not handle.identity:
-            page = self._new_page(handle)
+        page = handle.tracking_state
+        if type(page) is not PageState or page.identity is not handle.identity:
+            page = self._new_page(handle, page is _SCRIPT_FIRST or type(page) is PageState)
             if page is None:
                 return None
         part: str = experience.derived.get(_DERIVED_KEY) or _cached_experience_part(experience)
         # The MAC input is prefix + part + tail + element: hashed up to the element once
         # per experience and page view (the part is most of it), per element the rest.
-        signer = page[3].get(part)
+        if around and not page.manifest.closed:  # an attribute, before the script: an index
+            return around + INDEX_MARK + str(page.manifest.add(part, element)) + '"'
+        signer = page.signers.get(part)
         if signer is None:
-            signer = page[3][part] = page[1].extend((part + page[2]).encode("ascii"))
+            signer = page.signers[part] = page.signer.extend((part + page.tail).encode("ascii"))
         signature = signer.sign(element.encode("ascii"))
         if not around:
-            return part + page[2] + element + "." + signature
+            return part + page.tail + element + "." + signature
         # The attribute in one join (around: its start). Unescaped: a token is base64url,
         # digits, a checked render id and dots (tests/test_tracking_tokens.py).
-        return "".join((around, part, page[2], element, ".", signature, '"'))
+        return "".join((around, part, page.tail, element, ".", signature, '"'))
 
     def token_for(
         self, handle: PageView, experience: Experience, b_id: str | None = None
@@ -365,9 +372,13 @@ class Tracking:
         attribute = self._token(handle, experience, self._click_part(b_id), _CLICK_PREFIX)
         return _EMPTY if attribute is None else _new_str(Markup, attribute)
 
-    def script_tag(self, nonce: str | None = None, *, root_path: str = "") -> Markup:
+    def script_tag(
+        self, nonce: str | None = None, *, root_path: str = "", page: PageView | None = None
+    ) -> Markup:
         """``<script>`` for the tracking script: deferred, with an ``integrity`` hash (so a
-        CSP listing ``script_hash`` allows it) and an optional CSP ``nonce``."""
+        CSP listing ``script_hash`` allows it) and an optional CSP ``nonce``. With the
+        ``page`` view, it carries the manifest of the hooks rendered so far (``_pages``);
+        hooks rendered after it carry full tokens."""
         tags = self._script_tags.get(root_path)
         if tags is None:
             start = (
@@ -378,9 +389,24 @@ class Tracking:
             tags = (start, Markup(start + "></script>"))  # noqa: S704 - built escaped
             if len(self._script_tags) < _CACHE_LIMIT:  # root_path comes from the server
                 self._script_tags[root_path] = tags
-        if nonce:
-            return Markup(tags[0] + ' nonce="' + _esc(nonce) + '"></script>')  # noqa: S704
+        manifest = self._close_page(page) if page is not None else ""
+        if nonce or manifest:
+            nonce_attr = ' nonce="' + _esc(nonce) + '"' if nonce else ""
+            # The manifest is base64url, digits, "~" and dots: nothing to escape.
+            return _new_str(Markup, tags[0] + manifest + nonce_attr + "></script>")
         return tags[1]
+
+    def _close_page(self, page: PageView) -> str:
+        """The manifest attribute of the hooks ``page`` rendered so far ("" if none);
+        later hooks carry full tokens."""
+        state = page.tracking_state
+        if state is None:
+            page.tracking_state = _SCRIPT_FIRST
+        elif type(state) is PageState and not state.manifest.closed:
+            state.manifest.closed = True
+            if state.manifest.elements and state.identity is page.identity:
+                return f' {PAGE_ATTR}="{state.manifest.encode(state.page_signer, state.tail)}"'
+        return ""
 
 
 _EMPTY = Markup("")

@@ -217,26 +217,39 @@ def decode_tokens(
         if len(fields) != 4:
             raise InvalidTokenError("unexpected token fields")
         part, render_id, expires, element = fields
-        found = experiences.get(part)
-        if found is None:
-            found = _decode_experience(part)
-            if len(experiences) >= _DECODED_LIMIT:
-                experiences.clear()
-            experiences[part] = found
-        if not render_id or not expires.isdigit() or len(expires) > 15:
-            raise InvalidTokenError("unexpected token fields")
-        token = TrackingToken(
-            kind="shown" if element == _IMPRESSION_PART else "clicked",
-            key=found[0],
-            context=found[1],
-            render_id=render_id,
-            expires=int(expires) / scale,
-            b_id=None if element == _IMPRESSION_PART else _decode_b_id(element),
-        )
+        token = read_fields(part, render_id, expires, element, scale, experiences)
         if token.expires < moment:
             raise InvalidTokenError("expired")
         tokens.append(token)
     return tokens
+
+
+def read_fields(
+    part: str,
+    render_id: str,
+    expires: str,
+    element: str,
+    scale: float,
+    decoded: dict[str, tuple[str, Mapping[str, Any]]],
+) -> TrackingToken:
+    """The token that signed fields say (``scale``: expiry units per second). The
+    experience part is decoded once and kept in ``decoded`` (bounded)."""
+    found = decoded.get(part)
+    if found is None:
+        found = _decode_experience(part)
+        if len(decoded) >= _DECODED_LIMIT:
+            decoded.clear()
+        decoded[part] = found
+    if not render_id or not expires.isdigit() or len(expires) > 15:
+        raise InvalidTokenError("unexpected token fields")
+    return TrackingToken(
+        kind="shown" if element == _IMPRESSION_PART else "clicked",
+        key=found[0],
+        context=found[1],
+        render_id=render_id,
+        expires=int(expires) / scale,
+        b_id=None if element == _IMPRESSION_PART else _decode_b_id(element),
+    )
 
 
 def _canonical_signature(signature: str) -> bool:

@@ -5,7 +5,9 @@ stand-in over real HTTP that validates every call against the spec and records e
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,7 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from personalize_middleware import EventElement, Experience, ExperienceMetadata
+from personalize_middleware import EventElement, Experience, ExperienceMetadata, Identity, Keyring
+from personalize_middleware.tracking import TrackingToken
+from personalize_middleware.tracking._pages import decode_events
 from tests.support.spec import SpecViolation, validate_request_parts
 
 WORKSPACE_ID = "TESTWORKSPACE01"
@@ -254,4 +258,43 @@ def error(status: int, headers: Mapping[str, str] | None = None) -> Response:
         {"title": "Error", "description": f"stand-in answered {status}"},
         status_code=status,
         headers=dict(headers or {}),
+    )
+
+
+# -- reading a rendered page's hooks (tokens, or indexes into the page's manifest) ----------
+
+_HOOK_VALUE = re.compile(r' data-pz-(impression|click)="([^"]*)"')
+_PAGE_MANIFEST = re.compile(r' data-pz-page="([^"]*)"')
+
+
+def hook_values(text: str, kind: str | None = None) -> list[str]:
+    """Every hook's value on a page, in order (``kind``: ``impression`` or ``click``):
+    a token, or ``~N`` for a hook rendered before the page's script."""
+    return [html.unescape(v) for k, v in _HOOK_VALUE.findall(text) if kind in (None, k)]
+
+
+def page_manifest(text: str) -> str | None:
+    """The page's manifest (the last one, as the script reads it), if any."""
+    found = _PAGE_MANIFEST.findall(text)
+    return html.unescape(found[-1]) if found else None
+
+
+def beacon(text: str, values: list[str] | None = None) -> dict[str, Any]:
+    """The body the tracking script would post for ``values`` (default: every hook of
+    the page): the events, and the page's manifest when one of them is an index."""
+    events = hook_values(text) if values is None else values
+    body: dict[str, Any] = {"events": events}
+    manifest = page_manifest(text)
+    if manifest is not None and any(v.startswith("~") for v in events):
+        body["page"] = manifest
+    return body
+
+
+def read_hooks(
+    keyring: Keyring, identity: Identity, text: str, kind: str | None = None
+) -> list[TrackingToken]:
+    """What each hook of a rendered page stands for, verified for ``identity``."""
+    body = beacon(text, hook_values(text, kind))
+    return decode_events(
+        keyring, identity, body["events"], page=body.get("page"), now=time.time(), decoded={}
     )

@@ -4,8 +4,11 @@
  * page view (a back/forward-cache restore continues the same page view).
  * Clicks: a click on (or inside) an element with data-pz-click reports that element once.
  * Beacons: the signed tokens, batched per animation frame, POSTed with sendBeacon (or
- * fetch keepalive) to the URL in this script tag's data-pz-endpoint; each batch sent is
- * announced as a "personalize:sent" event on document (detail.tokens), for the overlay.
+ * fetch keepalive) to the URL in this script tag's data-pz-endpoint. A hook rendered
+ * before this tag holds "~<index>" into the page's manifest (data-pz-page on the tag),
+ * sent along as "page". Each batch sent is announced as a "personalize:sent" event on
+ * document (detail.tokens, an index written out as the token it stands for), for the
+ * overlay.
  * No eval, no inline code, no third-party code: it runs under a strict CSP. */
 (function () {
   "use strict";
@@ -18,6 +21,7 @@
 
   var IMPRESSION = "data-pz-impression";
   var CLICK = "data-pz-click";
+  var PAGE = "data-pz-page";
   var DWELL_MS = 1000;
   var RATIO = 0.5;
   var MAX_PER_BEACON = 25;
@@ -52,15 +56,46 @@
     }
     while (queue.length) {
       var batch = queue.splice(0, MAX_PER_BEACON);
-      post(JSON.stringify({events: batch}));
-      announce(batch);
+      var body = {events: batch};
+      var manifest = batch.some(isIndex) ? pageManifest() : null;
+      if (manifest) {
+        body.page = manifest;
+      }
+      post(JSON.stringify(body));
+      announce(batch, manifest);
     }
   }
 
+  function isIndex(token) {
+    return token.charAt(0) === "~";
+  }
+
+  // The last manifest on the page (a later personalize_script() lists more hooks).
+  function pageManifest() {
+    var tags = document.querySelectorAll("script[" + PAGE + "]");
+    return tags.length ? tags[tags.length - 1].getAttribute(PAGE) : null;
+  }
+
+  // "~3" written out as the token it stands for (the signature left out), from the
+  // manifest "<parts>.<render id>.<expiry>.<elements>.<signature>".
+  function expand(token, manifest) {
+    var fields = manifest ? manifest.split(".") : [];
+    var element = fields.length === 5 ? fields[3].split("~")[+token.slice(1)] : null;
+    var found = element ? /^([0-9]+)(.*)$/.exec(element) : null;
+    if (!found) {
+      return token;
+    }
+    var part = fields[0].split("~")[+found[1]];
+    return [part, fields[1], fields[2], found[2], "~"].join(".");
+  }
+
   // For the debug overlay (and the app's own scripts): what this page view sent.
-  function announce(tokens) {
+  function announce(tokens, manifest) {
+    var shown = tokens.map(function (token) {
+      return isIndex(token) ? expand(token, manifest) : token;
+    });
     try {
-      document.dispatchEvent(new CustomEvent("personalize:sent", {detail: {tokens: tokens}}));
+      document.dispatchEvent(new CustomEvent("personalize:sent", {detail: {tokens: shown}}));
     } catch (e) { /* no CustomEvent: nobody to tell */ }
   }
 
