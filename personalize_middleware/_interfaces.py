@@ -306,6 +306,10 @@ class TrackingHooks(Protocol):
         self, nonce: str | None = None, *, root_path: str = "", page: PageView | None = None
     ) -> Markup: ...
 
+    def open_manifest(self, page: PageView) -> None: ...
+
+    def pending_manifest(self, page: PageView) -> str: ...
+
 
 class InspectedPage(PageView, Protocol):
     """What the developer tools read of a page view (a ``Personalization`` is one)."""

@@ -263,18 +263,26 @@ async def test_async_env_fetches_keys_the_route_did_not_ask_for() -> None:
 @both
 @pytest.mark.anyio
 async def test_hooks_carry_signed_tokens_for_this_page_view(is_async: bool) -> None:
-    """Hooks before the page's script hold indexes into the manifest the script tag
-    carries; hooks after it, full tokens. Both verify for this visitor as what they were
-    rendered for."""
+    """A page whose manifest will be written (``open_manifest``: what
+    ``PersonalizeTemplates`` does) gets indexes before its script and tokens after it;
+    any other render, tokens. All verify for this visitor as what they were rendered for,
+    and for no other visitor."""
     body = """\
 {% experience "hero" as hero %}<div{{ hero | impression }}>\
 <button{{ track_click(hero, "Add to Cart") }}>A</button>\
 <button{{ hero | track_click("Wishlist") }}>W</button></div>{% endexperience %}"""
-    for source in (body + "{{ personalize_script() }}", "{{ personalize_script() }}" + body):
+    script = "{{ personalize_script() }}"
+    for source, managed, indexed in (
+        (body + script, True, True),
+        (script + body, True, False),  # the script in <head>: nothing lists later hooks
+        (body + script, False, False),  # a bare environment: nobody writes a manifest
+    ):
         handle = await make_handle()
+        if managed:
+            assert handle.tracking is not None
+            handle.tracking.open_manifest(handle)
         out = await render(source, handle, is_async=is_async)
-        indexed = source.startswith("{% experience")
-        assert [v.startswith("~") for v in hook_values(out)] == [indexed] * 3
+        assert [("~" in v) for v in hook_values(out)] == [indexed] * 3
         assert (page_manifest(out) is not None) is indexed
         (impression,) = read_hooks(KEYRING, ALICE, out, "impression")
         assert (impression.kind, impression.key, impression.b_id) == ("shown", "hero", None)

@@ -94,11 +94,6 @@ async def make_handle() -> Personalization:
 
 
 async def render(env: jinja2.Environment, source: str, **ctx: Any) -> str:
-    handle = ctx.get("personalize")
-    if isinstance(handle, Personalization):
-        # Rendered afresh, as by a request of its own: the hooks start a new manifest
-        # (its render id, and so every full token, stays the same).
-        handle.tracking_state = None
     template = env.from_string(source)
     if env.is_async:
         return await template.render_async(**ctx)

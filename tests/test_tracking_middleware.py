@@ -83,7 +83,7 @@ def post(client: TestClient, tokens: list[str], found: dict[str, list[str]]) -> 
     """Beacon ``tokens`` of the page whose hooks are ``found`` (its manifest goes along,
     as the script sends it, when a hook holds an index into it)."""
     body: dict[str, object] = {"events": tokens}
-    if "data-pz-page" in found and any(t.startswith("~") for t in tokens):
+    if "data-pz-page" in found and any("~" in t for t in tokens):
         body["page"] = found["data-pz-page"][-1]
     response = client.post(
         "/_personalize/events",

@@ -1,6 +1,8 @@
-"""The page-view manifest (``tracking/_pages``): hooks before the page's script hold an
-index, the script tag the page's hooks signed once. Every property of the per-hook
-tokens holds: no forging, no other visitor, no other ``b_id``, no double counting."""
+"""The page-view manifest (``tracking/_pages``): in a page whose manifest will be written,
+hooks before its script hold the render id and an index, the script tag (or, for a
+fragment, a ``<template>`` after it) the page's hooks signed once. Every property of the
+per-hook tokens holds: no forging, no other visitor, no other ``b_id``, no other page
+view, no double counting."""
 
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ def render(handle: Personalization, tracking: Tracking) -> tuple[list[str], str 
     its script tag: their values and the manifest."""
     hero, promo = handle.experience("hero"), handle.experience("promo")
     assert hero is not None and promo is not None
+    tracking.open_manifest(handle)  # what PersonalizeTemplates does before rendering
     attrs = [tracking.impression_attrs(handle, hero), tracking.impression_attrs(handle, promo)]
     attrs += [tracking.click_attrs(handle, hero, b_id) for b_id in B_IDS]
     tag = str(tracking.script_tag(page=handle))
@@ -86,7 +89,7 @@ def read(texts: list[str], page: str | None, identity: Identity = ALICE, **kw: A
 async def test_indexes_read_as_the_tokens_the_hooks_would_have_carried() -> None:
     handle, tracking = await page_view()
     values, manifest = render(handle, tracking)
-    assert values == [f"~{i}" for i in range(6)] and manifest is not None
+    assert values == [f"{handle.render_id}~{i}" for i in range(6)] and manifest is not None
     hero, promo = handle.experience("hero"), handle.experience("promo")
     assert hero is not None and promo is not None
     # The same hooks as full tokens (what a page whose script comes first carries).
@@ -100,7 +103,12 @@ async def test_indexes_read_as_the_tokens_the_hooks_would_have_carried() -> None
     # Each experience's part is in the manifest once, whatever its number of hooks.
     assert len(manifest.split(".")[0].split("~")) == 2
     # Any order, any subset, mixed with full tokens.
-    assert read(["~5", full[0], "~0"], manifest) == [expected[5], expected[0], expected[0]]
+    rid = handle.render_id
+    assert read([f"{rid}~5", full[0], f"{rid}~0"], manifest) == [
+        expected[5],
+        expected[0],
+        expected[0],
+    ]
 
 
 @pytest.mark.anyio
@@ -131,11 +139,14 @@ async def test_indexes_need_their_page_and_stay_within_it() -> None:
     handle, tracking = await page_view()
     values, manifest = render(handle, tracking)
     assert manifest is not None
+    rid = handle.render_id
     with pytest.raises(InvalidTokenError, match="without"):
-        read(["~0"], None)
+        read([f"{rid}~0"], None)
     with pytest.raises(InvalidTokenError, match="past"):
-        read([f"~{len(values)}"], manifest)
-    for odd in ("~", "~-1", "~x", "~00001", "~1 ", " ~1"):
+        read([f"{rid}~{len(values)}"], manifest)
+    with pytest.raises(InvalidTokenError, match="another page view"):
+        read(["AAAAAAAAAAAAAAAA~0"], manifest)  # an index of another page view's hook
+    for odd in ("~0", f"{rid}~", f"{rid}~-1", f"{rid}~x", f"{rid}~00001", f"{rid}~1 ", "a.b~1"):
         with pytest.raises(InvalidTokenError):
             read([odd], manifest)
     with pytest.raises(InvalidTokenError, match="expired"):
@@ -153,7 +164,7 @@ async def test_a_token_is_no_manifest_and_a_manifest_no_token() -> None:
     token = tracking.token_for(handle, hero)
     assert token is not None
     with pytest.raises(InvalidTokenError):
-        read(["~0"], token)  # a token passed off as the page
+        read([f"{handle.render_id}~0"], token)  # a token passed off as the page
     with pytest.raises(InvalidTokenError):
         read([manifest], None)  # the page passed off as a token
 
@@ -162,6 +173,7 @@ async def test_a_token_is_no_manifest_and_a_manifest_no_token() -> None:
 async def test_hooks_after_the_script_carry_full_tokens() -> None:
     # The script in <head>: every hook after it carries a token; its tag no manifest.
     handle, tracking = await page_view()
+    tracking.open_manifest(handle)
     first = str(tracking.script_tag(page=handle))
     assert "data-pz-page" not in first
     hero = handle.experience("hero")
@@ -181,10 +193,10 @@ async def test_hooks_after_the_script_carry_full_tokens() -> None:
 # -- through the middleware and the endpoint ---------------------------------------------------
 
 SECRET = "pages-middleware-secret-0123456789"
-PAGE = """\
+FRAGMENT = """\
 {% experience "hero" as hero %}<section{{ impression(hero) }}><h1>{{ hero.Title }}</h1>\
-<button{{ track_click(hero, "Add to Cart") }}>Add</button></section>{% endexperience %}\
-{{ personalize_script() }}"""
+<button{{ track_click(hero, "Add to Cart") }}>Add</button></section>{% endexperience %}"""
+PAGE = FRAGMENT + "{{ personalize_script() }}"
 
 
 def header_identity(conn: HTTPConnection) -> Identity | None:
@@ -195,11 +207,14 @@ def header_identity(conn: HTTPConnection) -> Identity | None:
 def make_app(backend: StaticBackend) -> tuple[Starlette, Tracking]:
     import jinja2
 
-    templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.DictLoader({"p": PAGE})))
+    loader = jinja2.DictLoader({"p": PAGE, "fragment": FRAGMENT, "data.txt": FRAGMENT})
+    templates = Jinja2Templates(env=jinja2.Environment(loader=loader))
     setup_templates(templates)
 
     async def page(request: Request) -> Response:
-        return templates.TemplateResponse(request, "p", {})
+        name = request.query_params.get("t", "p")
+        media_type = "text/plain" if name == "data.txt" else None
+        return templates.TemplateResponse(request, name, {}, media_type=media_type)
 
     tracking = Tracking(
         keyring=Keyring.from_config(SECRET), backend=backend, limits=TrackingLimits.off()
@@ -225,7 +240,8 @@ def test_a_page_s_beacon_counts_once_for_its_visitor_only() -> None:
     app, tracking = make_app(backend)
     with TestClient(app, headers={"x-user": "u-1"}) as client:
         text = client.get("/").text
-        assert hook_values(text) == ["~0", "~1"]
+        rid = hook_values(text)[0].partition("~")[0]
+        assert hook_values(text) == [f"{rid}~0", f"{rid}~1"]
         assert re.search(r'<script defer src="[^"]+" integrity="[^"]+" data-pz-endpoint', text)
         body = beacon(text)
         assert "page" in body
@@ -235,7 +251,11 @@ def test_a_page_s_beacon_counts_once_for_its_visitor_only() -> None:
         assert stranger.status_code == 403
         assert client.post("/_personalize/events", json=body, headers=HEADERS).status_code == 204
         assert client.post("/_personalize/events", json=body, headers=HEADERS).status_code == 204
-        for bad in ({"events": ["~0"]}, {"events": ["~0"], "page": 3}, {**body, "events": ["~9"]}):
+        for bad in (
+            {"events": [f"{rid}~0"]},
+            {"events": [f"{rid}~0"], "page": 3},
+            {**body, "events": [f"{rid}~9"]},
+        ):
             assert client.post("/_personalize/events", json=bad, headers=HEADERS).status_code in (
                 400,
                 403,
@@ -246,3 +266,30 @@ def test_a_page_s_beacon_counts_once_for_its_visitor_only() -> None:
     ]
     assert actions == [(ACTION_SHOWN, None), (ACTION_CLICKED, "Add to Cart")]
     assert [e["customer_id"] for e in backend.events] == ["u-1"]
+
+
+def test_a_fragment_gets_its_manifest_after_its_hooks() -> None:
+    """A template without ``personalize_script()`` (a fragment swapped in by htmx, say):
+    ``PersonalizeTemplates`` appends its manifest in an inert ``<template>``, and a beacon
+    for it needs that manifest, not the page's around it."""
+    from personalize_middleware.testing import click
+
+    backend = StaticBackend({"hero": {"Title": "Hi"}})
+    app, tracking = make_app(backend)
+    with TestClient(app, headers={"x-user": "u-1"}) as client:
+        page = client.get("/").text
+        fragment = client.get("/?t=fragment")
+        assert fragment.text.endswith("</template>") and fragment.text.count("data-pz-page") == 1
+        assert fragment.headers["content-length"] == str(len(fragment.content))
+        assert re.search(r'<template data-pz-page="[A-Za-z0-9_~.-]+"></template>$', fragment.text)
+        # The document now holds both: each hook goes with its own page view's manifest.
+        document = page + fragment.text
+        assert click(client, document, "Add to Cart", headers=HEADERS) == 204  # the page's
+        own = beacon(fragment.text, hook_values(fragment.text, "click"))  # its own manifest
+        assert client.post("/_personalize/events", json=own, headers=HEADERS).status_code == 204
+        crossed = {"events": [hook_values(fragment.text)[0]], "page": page_manifest(page)}
+        assert client.post("/_personalize/events", json=crossed, headers=HEADERS).status_code == 403
+        # Not HTML: no manifest can be appended, so the hooks carry full tokens.
+        text = client.get("/?t=data.txt").text
+        assert "<template" not in text and all("~" not in v for v in hook_values(text))
+        assert tracking.stats.accepted == 2  # the page's click and the fragment's

@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.templating import Jinja2Templates
 
+from .._interfaces import TrackingHooks
 from .._personalization import Personalization
 from ._extension import setup_jinja
 
@@ -46,6 +47,17 @@ TemplateDirectory = str | PathLike[str] | Sequence[str | PathLike[str]]
 def _request_handle(request: Request) -> Personalization | None:
     handle = request.scope.get("state", {}).get("personalize")
     return handle if isinstance(handle, Personalization) else None
+
+
+def _open_manifest(handle: Personalization | None, media_type: str | None) -> TrackingHooks | None:
+    """The tracking of an HTML page about to render, its hooks told to write indexes
+    into the page's manifest (which the caller writes after rendering if the page did
+    not: ``pending_manifest``); else ``None`` (hooks carry full tokens)."""
+    tracking = handle.tracking if handle is not None else None
+    if tracking is None or handle is None or media_type not in (None, "text/html"):
+        return None
+    tracking.open_manifest(handle)
+    return tracking
 
 
 def _context_processor(request: Request) -> dict[str, Any]:
@@ -81,12 +93,15 @@ class PersonalizedTemplateResponse(HTMLResponse):
         the handler; otherwise sending the response does."""
         if self.rendered:
             return
+        tracking = _open_manifest(self.handle, self.media_type)
         if self.handle is not None:
             await self.handle.wait()
         if self.template.environment.is_async:
             content = await self.template.render_async(self.context)
         else:
             content = self.template.render(self.context)
+        if tracking is not None and self.handle is not None:
+            content += tracking.pending_manifest(self.handle)
         self.body = self.render(content)
         # Only where Starlette put one (never on a 204 / 304 / 1xx response).
         if "content-length" in self.headers:
@@ -163,10 +178,18 @@ class PersonalizeTemplates(Jinja2Templates):
         async, the result is a ``PersonalizedTemplateResponse`` that renders when sent."""
         handle = _request_handle(request)
         if not self.env.is_async and (handle is None or not handle.pending):
+            tracking = _open_manifest(handle, media_type)
             # ``{}`` rather than None: Starlette before 1.0 calls ``context.setdefault``.
-            return super().TemplateResponse(
+            response = super().TemplateResponse(
                 request, name, context or {}, status_code, headers, media_type, background
             )
+            if tracking is not None and handle is not None:
+                pending = tracking.pending_manifest(handle)
+                if pending:  # hooks, and no personalize_script() after them: a fragment
+                    response.body = bytes(response.body) + pending.encode(response.charset)
+                    if "content-length" in response.headers:
+                        response.headers["content-length"] = str(len(response.body))
+            return response
         context = context or {}
         context.setdefault("request", request)
         for processor in self.context_processors:

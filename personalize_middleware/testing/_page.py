@@ -25,43 +25,46 @@ class _Client(Protocol):
 
 class HookedPage:
     """The tracking hooks of one rendered page: impression tokens, click tokens by
-    ``b_id``, where the script would send them, and the page's manifest (``page``: what
-    hooks that hold an index, ``"~3"``, stand for; the script sends it along)."""
+    ``b_id``, where the script would send them, and the page views' manifests
+    (``pages``, by render id: what hooks holding an index, ``"<render id>~3"``, stand
+    for; the script sends the right one along)."""
 
     def __init__(self, text: str) -> None:
         self.impressions: list[str] = []
         self.clicks: dict[str, list[str]] = {}
         self.endpoint: str | None = None
-        self.page: str | None = None
+        self.pages: dict[str, str] = {}
         found = [(kind, html.unescape(raw)) for kind, raw in _ATTR.findall(text)]
         for kind, value in found:
-            if kind == "page":
-                self.page = value  # the last one lists the most hooks, as the script reads
+            fields = value.split(".")
+            if kind == "page" and len(fields) == 5:
+                self.pages[fields[1]] = value  # the last one lists the most, as the script
         for kind, value in found:
             if kind == "impression":
                 self.impressions.append(value)
             elif kind == "click":
-                self.clicks.setdefault(_b_id(value, self.page), []).append(value)
+                self.clicks.setdefault(_b_id(value, self.pages), []).append(value)
             elif kind == "endpoint":
                 self.endpoint = value
 
     def __repr__(self) -> str:
         return (
             f"HookedPage(impressions={len(self.impressions)}, clicks={sorted(self.clicks)}, "
-            f"endpoint={self.endpoint!r}, manifest={self.page is not None})"
+            f"endpoint={self.endpoint!r}, manifests={len(self.pages)})"
         )
 
 
-def _b_id(token: str, page: str | None) -> str:
+def _b_id(token: str, pages: Mapping[str, str]) -> str:
     # The element field of a click token is "c" + base64url(b_id) (see tracking/_tokens);
-    # a hook's index ("~3") names the page manifest's element (see tracking/_pages).
+    # a hook's index ("<render id>~3") names its manifest's element (tracking/_pages).
     fields = token.split(".")
     element = fields[3] if len(fields) == 5 else ""
-    listed = page.split(".") if page is not None and token.startswith("~") else []
-    if len(listed) == 5 and token[1:].isdigit():
+    view, mark, index = token.partition("~")
+    listed = pages.get(view, "").split(".") if mark else []
+    if len(listed) == 5 and index.isdigit():
         elements = listed[3].split("~")
-        index = int(token[1:])
-        element = elements[index].lstrip("0123456789") if index < len(elements) else ""
+        at = int(index)
+        element = elements[at].lstrip("0123456789") if at < len(elements) else ""
     if not element.startswith("c"):
         return ""
     try:
@@ -99,11 +102,21 @@ def _send(
         origin = f"{parts.scheme}://{parts.netloc}"
     if origin is not None:
         headers["origin"] = origin
-    body: dict[str, Any] = {"events": list(tokens)}
-    if page.page is not None and any(token.startswith("~") for token in tokens):
-        body["page"] = page.page
-    response = client.post(page.endpoint, json=body, headers=headers)
-    return int(response.status_code)
+    # One beacon per page view, as the script sends them (an index needs its manifest).
+    groups: dict[str, list[str]] = {}
+    for token in tokens:
+        groups.setdefault(token.partition("~")[0] if "~" in token else "", []).append(token)
+    status = 204
+    for view, events in groups.items():
+        body: dict[str, Any] = {"events": events}
+        if view:
+            if view not in page.pages:
+                raise AssertionError(f"no manifest for page view {view!r} on the page")
+            body["page"] = page.pages[view]
+        response = client.post(page.endpoint, json=body, headers=headers)
+        if status == 204:
+            status = int(response.status_code)
+    return status
 
 
 def view(

@@ -41,7 +41,7 @@ from ._bots import check_bots, is_bot, page_user_agent
 from ._endpoint import BeaconEndpoint, EndpointPaths
 from ._guard import EventGuard, TrackingLimits
 from ._outbox_sqlite import SQLiteOutbox
-from ._pages import INDEX_MARK, PAGE_ATTR, PageState, page_signer
+from ._pages import PAGE_ATTR, PageState, page_signer
 from ._recorder import EventRecorder, TrackingStats
 from ._tokens import (
     _DERIVED_KEY,
@@ -77,6 +77,7 @@ _CACHE_LIMIT = 256  # b_id parts and script tags kept per Tracking (template con
 _SIGNER_CACHE_LIMIT = 4096  # identities whose token signer is kept (one sha256 saved each)
 _BOT_PAGE = ("bot",)  # a page view's tracking_state when the page is a crawler's
 _SCRIPT_FIRST = ("script",)  # ... when personalize_script() came before any hook
+_MANAGED = ("managed",)  # ... when PersonalizeTemplates will write the page's manifest
 
 
 @functools.cache
@@ -267,7 +268,7 @@ class Tracking:
 
     # -- template hooks ------------------------------------------------------------------------
 
-    def _new_page(self, handle: PageView, closed: bool = False) -> PageState | None:
+    def _new_page(self, handle: PageView, closed: bool = True) -> PageState | None:
         """This page view's ``tracking_state`` (what every hook of it shares, see
         ``PageState``), or ``None`` when the visitor cannot be attributed (no identity or
         no customer id) or is a known crawler."""
@@ -306,14 +307,14 @@ class Tracking:
     ) -> str | None:
         page = handle.tracking_state
         if type(page) is not PageState or page.identity is not handle.identity:
-            page = self._new_page(handle, page is _SCRIPT_FIRST or type(page) is PageState)
+            page = self._new_page(handle, page is not _MANAGED)
             if page is None:
                 return None
         part: str = experience.derived.get(_DERIVED_KEY) or _cached_experience_part(experience)
         # The MAC input is prefix + part + tail + element: hashed up to the element once
         # per experience and page view (the part is most of it), per element the rest.
         if around and not page.manifest.closed:  # an attribute, before the script: an index
-            return around + INDEX_MARK + str(page.manifest.add(part, element)) + '"'
+            return around + page.index_prefix + str(page.manifest.add(part, element)) + '"'
         signer = page.signers.get(part)
         if signer is None:
             signer = page.signers[part] = page.signer.extend((part + page.tail).encode("ascii"))
@@ -396,16 +397,30 @@ class Tracking:
             return _new_str(Markup, tags[0] + manifest + nonce_attr + "></script>")
         return tags[1]
 
+    def open_manifest(self, page: PageView) -> None:
+        """The page view's hooks write indexes into its manifest from now on: the caller
+        promises to write it (``personalize_script()`` in the page, or
+        ``pending_manifest`` after rendering; ``PersonalizeTemplates`` does both)."""
+        if page.tracking_state is None:
+            page.tracking_state = _MANAGED
+
+    def pending_manifest(self, page: PageView) -> str:
+        """``<template data-pz-page="...">`` for the hooks the page view wrote since its
+        last manifest ("" if none); its next hooks carry full tokens."""
+        found = self._close_page(page)
+        return f"<template{found}></template>" if found else ""
+
     def _close_page(self, page: PageView) -> str:
         """The manifest attribute of the hooks ``page`` rendered so far ("" if none);
         later hooks carry full tokens."""
         state = page.tracking_state
-        if state is None:
+        if state is None or state is _MANAGED:
             page.tracking_state = _SCRIPT_FIRST
         elif type(state) is PageState and not state.manifest.closed:
             state.manifest.closed = True
             if state.manifest.elements and state.identity is page.identity:
-                return f' {PAGE_ATTR}="{state.manifest.encode(state.page_signer, state.tail)}"'
+                manifest = state.manifest.encode(state.page_signer, state.tail)
+                return f' {PAGE_ATTR}="{manifest}"'
         return ""
 
 

@@ -1,8 +1,12 @@
 """The page-view manifest: one signature for every hook a page renders.
 
-A hook rendered before the page's ``personalize_script()`` writes only an index,
-``data-pz-click="~3"``; ``personalize_script()`` then writes the page's *manifest* on
-its tag (``data-pz-page``), the hooks' experiences and elements signed once::
+In a page rendered through ``PersonalizeTemplates`` (which makes sure the manifest is
+written), a hook writes only the page view's render id and an index,
+``data-pz-click="<render_id>~3"``; ``personalize_script()`` then writes the page's
+*manifest* on its tag (``data-pz-page``), the hooks' experiences and elements signed
+once, or, where the template has no ``personalize_script()`` after its hooks (a
+fragment for htmx, say), ``PersonalizeTemplates`` appends it to the HTML as
+``<template data-pz-page="...">``::
 
     <parts>.<render_id>.<expires>.<elements>.<signature>
     parts     = every experience part of the page's hooks, each once, joined by "~"
@@ -13,7 +17,8 @@ its tag (``data-pz-page``), the hooks' experiences and elements signed once::
                                       "pz-page-1" NUL || sha256(identity)
                                       || everything before the last dot))
 
-A beacon then says ``{"events": ["~3", ...], "page": "<manifest>"}``. The endpoint
+A beacon then says ``{"events": ["<render_id>~3", ...], "page": "<manifest>"}`` (one
+beacon per page view: a document may hold a page and fragments). The endpoint
 verifies the manifest (bound to the visitor like a token, under its own label so that a
 manifest never reads as a token or the reverse) and reads event ``~3`` as the token the
 hook would have carried: the same experience, render id, expiry and ``b_id``, so the
@@ -24,8 +29,9 @@ Why: a token per hook is a signature and ~250 characters per hook; a page of 30 
 signed 30 times. With the manifest a hook costs a list append and a cached attribute,
 the page one signature, and each experience's part is in the page once.
 
-Hooks rendered after ``personalize_script()`` (a script tag in ``<head>``) carry full
-tokens, as before: the manifest cannot list what is rendered after it.
+Hooks rendered after ``personalize_script()`` (a script tag in ``<head>``), and every
+hook of a template rendered any other way (a bare ``jinja2.Environment``), carry full
+tokens: nothing would write a manifest listing them.
 """
 
 from __future__ import annotations
@@ -59,13 +65,13 @@ __all__ = [
 
 #: The script tag's attribute holding the manifest.
 PAGE_ATTR = "data-pz-page"
-#: How a hook's value that is an index into the manifest starts.
+#: Between a hook's render id and its index into the manifest.
 INDEX_MARK = "~"
 #: Longer manifests are refused (a page of 25 experiences x 30 hooks writes ~6 KB).
 MAX_PAGE_CHARS = 60_000
 _PAGE_LABEL = b"pz-page-1\x00"
 _ELEMENT = re.compile(r"([0-9]{1,4})(s|c[A-Za-z0-9_-]+)")
-_INDEX = re.compile(r"~([0-9]{1,4})")
+_INDEX = re.compile(r"([A-Za-z0-9_-]{1,64})~([0-9]{1,4})")
 
 
 def page_signer(keyring: Keyring, identity: Identity) -> FastSigner:
@@ -78,7 +84,15 @@ class PageState:
     was made for, its token and manifest signers, ``.render_id.expires.``, per
     experience part the token signer with ``part + tail`` hashed in, the manifest."""
 
-    __slots__ = ("identity", "manifest", "page_signer", "signer", "signers", "tail")
+    __slots__ = (
+        "identity",
+        "index_prefix",
+        "manifest",
+        "page_signer",
+        "signer",
+        "signers",
+        "tail",
+    )
 
     def __init__(
         self,
@@ -86,9 +100,11 @@ class PageState:
         signer: FastSigner,
         page_signer: FastSigner,
         tail: str,
-        closed: bool = False,
+        closed: bool = True,
     ) -> None:
         self.identity = identity
+        #: What an index hook's value starts with: the render id and "~".
+        self.index_prefix = tail.split(".")[1] + INDEX_MARK
         self.signer = signer
         self.page_signer = page_signer
         self.tail = tail
@@ -102,7 +118,7 @@ class PageManifest:
 
     __slots__ = ("closed", "elements", "parts")
 
-    def __init__(self, *, closed: bool = False) -> None:
+    def __init__(self, *, closed: bool = True) -> None:
         self.parts: dict[str, int] = {}
         self.elements: list[str] = []
         self.closed = closed
@@ -171,20 +187,25 @@ def decode_events(
 ) -> list[TrackingToken]:
     """A beacon's events, in order: tokens (``decode_tokens``) and hook indexes into
     its ``page`` manifest (verified once). Raises ``InvalidTokenError`` at the first bad
-    one, or for an index without a manifest or past its end."""
+    one, for an index without a manifest, past its end or of another page view."""
     indexes: list[int | None] = []
     tokens: list[object] = []
+    render_ids = set()
     for text in texts:
         match = _INDEX.fullmatch(text) if isinstance(text, str) else None
-        indexes.append(int(match.group(1)) if match is not None else None)
+        indexes.append(int(match.group(2)) if match is not None else None)
         if match is None:
             tokens.append(text)
+        else:
+            render_ids.add(match.group(1))
     full = iter(decode_tokens(keyring, identity, tokens, now=now, decoded=decoded))
     listed: list[TrackingToken] = []
     if len(tokens) < len(texts):
         if page is None:
             raise InvalidTokenError("a hook index without the page's manifest")
         listed = decode_page(keyring, identity, page, now=now, decoded=decoded)
+        if listed and render_ids != {listed[0].render_id}:
+            raise InvalidTokenError("a hook index of another page view")
     found = []
     for index in indexes:
         if index is None:

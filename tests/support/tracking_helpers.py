@@ -269,23 +269,28 @@ _PAGE_MANIFEST = re.compile(r' data-pz-page="([^"]*)"')
 
 def hook_values(text: str, kind: str | None = None) -> list[str]:
     """Every hook's value on a page, in order (``kind``: ``impression`` or ``click``):
-    a token, or ``~N`` for a hook rendered before the page's script."""
+    a token, or ``<render id>~N`` for an index into its page view's manifest."""
     return [html.unescape(v) for k, v in _HOOK_VALUE.findall(text) if kind in (None, k)]
 
 
-def page_manifest(text: str) -> str | None:
-    """The page's manifest (the last one, as the script reads it), if any."""
-    found = _PAGE_MANIFEST.findall(text)
-    return html.unescape(found[-1]) if found else None
+def page_manifest(text: str, render_id: str | None = None) -> str | None:
+    """The manifest of page view ``render_id`` on a page (any, if ``None``; the last
+    one, as the script reads it)."""
+    found = [html.unescape(m) for m in _PAGE_MANIFEST.findall(text)]
+    found = [m for m in found if render_id is None or m.split(".")[1] == render_id]
+    return found[-1] if found else None
 
 
 def beacon(text: str, values: list[str] | None = None) -> dict[str, Any]:
     """The body the tracking script would post for ``values`` (default: every hook of
-    the page): the events, and the page's manifest when one of them is an index."""
+    the page), all of one page view: the events, and its manifest when they are
+    indexes into it."""
     events = hook_values(text) if values is None else values
     body: dict[str, Any] = {"events": events}
-    manifest = page_manifest(text)
-    if manifest is not None and any(v.startswith("~") for v in events):
+    views = {v.partition("~")[0] for v in events if "~" in v}
+    assert len(views) <= 1, f"hooks of several page views: {views}"
+    manifest = page_manifest(text, next(iter(views))) if views else None
+    if manifest is not None:
         body["page"] = manifest
     return body
 

@@ -4,9 +4,10 @@
  * page view (a back/forward-cache restore continues the same page view).
  * Clicks: a click on (or inside) an element with data-pz-click reports that element once.
  * Beacons: the signed tokens, batched per animation frame, POSTed with sendBeacon (or
- * fetch keepalive) to the URL in this script tag's data-pz-endpoint. A hook rendered
- * before this tag holds "~<index>" into the page's manifest (data-pz-page on the tag),
- * sent along as "page". Each batch sent is announced as a "personalize:sent" event on
+ * fetch keepalive) to the URL in this script tag's data-pz-endpoint. A hook may hold
+ * "<render id>~<index>" into its page view's manifest (data-pz-page on this tag, or on
+ * a <template> after a fragment's hooks): one beacon per page view, its manifest sent
+ * along as "page". Each batch sent is announced as a "personalize:sent" event on
  * document (detail.tokens, an index written out as the token it stands for), for the
  * overlay.
  * No eval, no inline code, no third-party code: it runs under a strict CSP. */
@@ -54,33 +55,55 @@
       cancelAnimationFrame(frame);
       frame = 0;
     }
-    while (queue.length) {
-      var batch = queue.splice(0, MAX_PER_BEACON);
-      var body = {events: batch};
-      var manifest = batch.some(isIndex) ? pageManifest() : null;
-      if (manifest) {
-        body.page = manifest;
+    // One beacon per page view: an index means something only with its own manifest.
+    var groups = Object.create(null);
+    var order = [];
+    queue.splice(0, queue.length).forEach(function (token) {
+      var at = token.indexOf("~");
+      var view = at > 0 ? token.slice(0, at) : "";
+      if (!groups[view]) {
+        groups[view] = [];
+        order.push(view);
       }
-      post(JSON.stringify(body));
-      announce(batch, manifest);
+      groups[view].push(token);
+    });
+    order.forEach(function (view) {
+      var manifest = view ? pageManifest(view) : null;
+      if (view && !manifest) {
+        return;  // no manifest for these hooks on this page: nothing verifiable to send
+      }
+      var tokens = groups[view];
+      while (tokens.length) {
+        var batch = tokens.splice(0, MAX_PER_BEACON);
+        var body = {events: batch};
+        if (manifest) {
+          body.page = manifest;
+        }
+        post(JSON.stringify(body));
+        announce(batch, manifest);
+      }
+    });
+  }
+
+  // The last manifest of page view `view` in the document (one written later lists
+  // more of its hooks); a manifest is "<parts>.<render id>.<expiry>.<elements>.<sig>".
+  function pageManifest(view) {
+    var found = null;
+    var tags = document.querySelectorAll("[" + PAGE + "]");
+    for (var i = 0; i < tags.length; i++) {
+      var manifest = tags[i].getAttribute(PAGE) || "";
+      if (manifest.split(".")[1] === view) {
+        found = manifest;
+      }
     }
+    return found;
   }
 
-  function isIndex(token) {
-    return token.charAt(0) === "~";
-  }
-
-  // The last manifest on the page (a later personalize_script() lists more hooks).
-  function pageManifest() {
-    var tags = document.querySelectorAll("script[" + PAGE + "]");
-    return tags.length ? tags[tags.length - 1].getAttribute(PAGE) : null;
-  }
-
-  // "~3" written out as the token it stands for (the signature left out), from the
-  // manifest "<parts>.<render id>.<expiry>.<elements>.<signature>".
+  // "<render id>~3" written out as the token it stands for (the signature left out).
   function expand(token, manifest) {
     var fields = manifest ? manifest.split(".") : [];
-    var element = fields.length === 5 ? fields[3].split("~")[+token.slice(1)] : null;
+    var index = +token.slice(token.indexOf("~") + 1);
+    var element = fields.length === 5 ? fields[3].split("~")[index] : null;
     var found = element ? /^([0-9]+)(.*)$/.exec(element) : null;
     if (!found) {
       return token;
@@ -92,7 +115,7 @@
   // For the debug overlay (and the app's own scripts): what this page view sent.
   function announce(tokens, manifest) {
     var shown = tokens.map(function (token) {
-      return isIndex(token) ? expand(token, manifest) : token;
+      return token.indexOf("~") > 0 ? expand(token, manifest) : token;
     });
     try {
       document.dispatchEvent(new CustomEvent("personalize:sent", {detail: {tokens: shown}}));
