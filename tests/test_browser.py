@@ -66,6 +66,13 @@ PAGE = """\
 """
 
 
+# A fragment swapped into the page (htmx-style): hooks, no personalize_script().
+FRAGMENT = """\
+{% experience "hero" as hero %}
+<div id="more"><button id="more-buy"{{ track_click(hero, "Fragment buy") }}>Buy</button></div>
+{% endexperience %}"""
+
+
 def _tools_available() -> bool:
     return os.path.exists(CHROMIUM) and importlib.util.find_spec("playwright") is not None
 
@@ -83,7 +90,8 @@ def person_user_agent(browser: Any) -> str:
 def make_app(standin_url: str, *, csp: bool = True, **options: Any) -> Starlette:
     templates = Jinja2Templates(
         env=jinja2.Environment(
-            loader=jinja2.DictLoader({"page.html": PAGE}), autoescape=jinja2.select_autoescape()
+            loader=jinja2.DictLoader({"page.html": PAGE, "fragment.html": FRAGMENT}),
+            autoescape=jinja2.select_autoescape(),
         )
     )
     setup_templates(templates)
@@ -98,16 +106,19 @@ def make_app(standin_url: str, *, csp: bool = True, **options: Any) -> Starlette
         headers = {"Content-Security-Policy": policy} if csp else None
         return templates.TemplateResponse(request, "page.html", headers=headers)
 
+    async def fragment(request: Request) -> Response:
+        return templates.TemplateResponse(request, "fragment.html")
+
     settings = PersonalizeSettings(
         workspace_id=WORKSPACE_ID, api_secret=API_SECRET, base_url=standin_url + "/v1"
     )
     return Starlette(
-        routes=[Route("/", page)],
+        routes=[Route("/", page), Route("/fragment", fragment)],
         middleware=[
             Middleware(
                 PersonalizeMiddleware,
                 settings=settings,
-                routes={"/": ["hero", "below"]},
+                routes={"/": ["hero", "below"], "/fragment": ["hero"]},
                 secret_key="browser-test-secret-0123456789",
                 metadata_refresh=None,
                 latency_budget=5.0,  # a cold CI machine must not turn this into a default
@@ -346,3 +357,32 @@ def test_a_crawler_running_the_page_is_not_counted(
     # The page view knows its User-Agent even when it is not sent to MoEngage
     # (send_user_agent=False): no hooks either way, so the script has nothing to report.
     assert hooked == 0 and tap.beacons == []
+
+
+def test_a_fragment_s_hooks_report_with_their_own_manifest(
+    browser: Any, standin: tuple[EventsStandIn, str]
+) -> None:
+    """A fragment rendered as its own page view and inserted into the page (what htmx
+    does): its hooks' indexes go with the manifest appended to the fragment, the page's
+    with the page's; both clicks arrive, each once."""
+    server, standin_url = standin
+    tap = BeaconTap(make_app(standin_url, csp=False))
+    with run_asgi_server(tap, lifespan="on") as app_url:
+        context = browser.new_context(user_agent=person_user_agent(browser))
+        context.set_default_timeout(10_000)
+        page = context.new_page()
+        page.goto(app_url + "/")
+        page.evaluate(
+            "fetch('/fragment').then(r => r.text())"
+            ".then(t => document.body.insertAdjacentHTML('beforeend', t))"
+        )
+        page.wait_for_selector("#more-buy")
+        assert page.locator("template[data-pz-page]").count() == 1
+        page.wait_for_timeout(300)  # a person reads before clicking (min_click_delay)
+        page.locator("#more-buy").click()
+        page.locator("#wish").click()
+        assert server.wait_for(lambda d: len(by_key(d, ACTION_CLICKED)) == 2)
+        context.close()
+    assert sorted(by_key(server.delivered, ACTION_CLICKED)) == ["Fragment buy", "Wishlist"]
+    clicks = [t for t in tap.tokens if "~" in t]
+    assert len({t.partition("~")[0] for t in clicks}) == 2  # two page views' indexes
