@@ -1,8 +1,9 @@
 """Impression and click tracking: template hooks, the script, the endpoint, the batcher.
 
-A hook rendered before the page's ``personalize_script()`` writes an index into the
-page's manifest, which the script tag carries, signed once (``_pages``); a hook rendered
-after it, a signed *tracking token* (format and verification in ``_tokens``). Both are
+In a page whose manifest will be written (``open_manifest``, as ``PersonalizeTemplates``
+does), a hook writes an index into it; the script tag, or ``pending_manifest`` after a
+fragment, carries it signed once (``_pages``). Any other hook writes a signed *tracking
+token* (format and verification in ``_tokens``). Both are
 built from parts cached where they change: the experience part on the ``Experience``,
 the signers per identity, render id, expiry and manifest on the page view's handle.
 
