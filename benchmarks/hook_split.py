@@ -6,8 +6,8 @@ Rows, each the same full page (3 experiences, 9 reads, 6 hooks, script) except:
 - ``tag``: no hooks and no script at all (the tag page without hooks);
 - ``constant hooks``: every hook returns a ready attribute (Jinja's dispatch of the hook
   calls stays, the tracking work goes);
-- ``no script tag``: ``personalize_script()`` renders nothing (the manifest and its
-  signature go);
+- ``no script tag``: ``personalize_script()`` renders nothing and no manifest is
+  appended (the manifest and its signature go);
 - ``full``: the page as served.
 
 So ``full - constant hooks`` is the hooks' tracking work with the script's,
@@ -50,6 +50,7 @@ async def _run(rounds: int, iterations: int) -> dict[str, Any]:
         constant.impression_attrs = lambda handle, experience: _ATTRIBUTE  # type: ignore[method-assign]
         constant.click_attrs = lambda handle, experience, b_id: _ATTRIBUTE  # type: ignore[method-assign]
         quiet.script_tag = lambda nonce=None, root_path="", page=None: Markup("")  # type: ignore[method-assign]
+        quiet.pending_manifest = lambda page: ""  # type: ignore[method-assign]
         for app in apps.values():
             for _ in range(3):
                 assert (await request(app, scope)).status == 200
