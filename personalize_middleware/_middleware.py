@@ -434,7 +434,9 @@ class PersonalizeMiddleware:
                 handle.finish_observing()  # the page's trace ends with the request at the latest
             handle.end_request(
                 None
-                if handle.identity is not None or preview is not None
+                if handle.identity is not None
+                else preview.resolve  # refers to no scope
+                if preview is not None
                 else functools.partial(self._resolve_identity, _without_state(scope), visitor)
             )
         if gate.held is not None:  # not reached on an exception: a held start is dropped

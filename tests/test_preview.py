@@ -5,6 +5,7 @@ does (pollute its own visitor cache, reach another visitor, report an event), th
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 import time
@@ -436,6 +437,37 @@ def test_tampered_preview_cookies_give_the_normal_page(
     if tampered != token:
         assert title(page.text) != "hero:alice" and "pz-preview-banner" not in page.text
     client.cookies.delete(PREVIEW_COOKIE)
+
+
+def test_a_preview_handle_kept_after_its_request_is_still_the_preview_s(
+    backend: FakeBackend,
+) -> None:
+    """A page that kept its handle without reading anything (a route with no keys): the
+    request's end lets go of its scope, and the identity resolved later is still the
+    preview's customer, never the browser's visitor."""
+    kept: list[Any] = []
+
+    async def keep(request: Request) -> Response:
+        kept.append(request.state.personalize)
+        return Response("ok")
+
+    middleware = PersonalizeMiddleware(
+        Starlette(routes=[Route("/", keep)]),
+        backend=backend,
+        routes={},
+        identify=header_identity,
+        secret_key=SECRET,
+        metadata_refresh=None,
+        preview=True,
+    )
+    with TestClient(middleware) as client:
+        open_link(
+            client, preview_link("http://testserver/", secret_key=SECRET, customer_id="alice")
+        )
+        assert client.get("/").status_code == 200
+    (handle,) = kept
+    assert handle.identity is None
+    assert asyncio.run(handle.resolve_identity()).customer_id == "alice"
 
 
 # -- nothing of a preview reaches MoEngage ----------------------------------------------------
