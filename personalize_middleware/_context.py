@@ -32,7 +32,7 @@ from starlette.types import Scope
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_QUERY_PARAMS", "SessionAttributes"]
+__all__ = ["DEFAULT_QUERY_PARAMS", "SessionAttributes", "header_text"]
 
 DEFAULT_QUERY_PARAMS: tuple[str, ...] = ("utm_source", "utm_medium", "utm_campaign")
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -245,6 +245,14 @@ def _is_public(text: str) -> bool:
 
 def _is_loopback(text: str) -> bool:
     return ipaddress.ip_address(text).is_loopback
+
+
+def header_text(scope: Scope, name: bytes) -> str | None:
+    """The first ``name`` header of the request, as text (latin-1, as HTTP has it)."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _headers(scope: Scope) -> tuple[str | None, str | None]:

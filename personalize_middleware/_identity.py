@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import Scope
 
+from ._context import header_text
 from ._interfaces import IdentityResolver
 from ._models import Identity
 from ._proxies import TrustedProxies
@@ -26,6 +27,7 @@ __all__ = [
     "call_resolver",
     "cookie_value",
     "default_identity",
+    "resolve_identity",
     "session_identity",
 ]
 
@@ -226,6 +228,32 @@ class VisitorState:
         self.visitor_id: str | None = None
         #: The Cookie header, once read (by the developer tools' check), else ``UNREAD``.
         self.cookie_header: str | None = UNREAD
+
+
+async def resolve_identity(
+    identify: IdentityResolver,
+    cookie: VisitorCookie,
+    scope: Scope,
+    visitor: VisitorState,
+    *,
+    issue: bool = True,
+) -> Identity:
+    """Who the request is: the resolver's identity, else the visitor of the signed cookie
+    (a new one when there is none or it is forged; ``issue``: the response sets it).
+    ``visitor`` records the visitor id and whether to set the cookie."""
+    identity = await call_resolver(identify, HTTPConnection(scope))
+    if identity is not None:
+        return identity
+    header = visitor.cookie_header
+    if header is UNREAD:
+        header = header_text(scope, b"cookie")
+    visitor_id, resign = cookie.read(header)
+    if visitor_id is None:
+        visitor_id = cookie.new_id()
+        resign = issue
+    visitor.set_cookie = resign
+    visitor.visitor_id = visitor_id
+    return Identity(visitor_id=visitor_id)
 
 
 #: ``VisitorState.cookie_header`` before anything read the header.

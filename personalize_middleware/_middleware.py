@@ -13,22 +13,20 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Unpack
 
-from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._campaigns import CampaignSync
 from ._config import invalid_option
-from ._context import SessionAttributes
+from ._context import SessionAttributes, header_text
 from ._exceptions import ConfigurationError
 from ._fork import abandon, register
 from ._headers import ResponseGate
 from ._identity import (
-    UNREAD,
     IdentityResolver,
     VisitorCookie,
     VisitorState,
-    call_resolver,
     default_identity,
+    resolve_identity,
     session_identity,
 )
 from ._interfaces import PersonalizeBackend
@@ -40,7 +38,7 @@ from ._mode import (
     report_access,
     report_app,
 )
-from ._models import FetchQuery, Identity
+from ._models import FetchQuery
 from ._options import (
     DEFAULT_LATENCY_BUDGET,
     DEFAULT_TRACKING_PREFIX,
@@ -227,6 +225,8 @@ class PersonalizeMiddleware:
         )
         self._campaigns = CampaignSync(self.store, self.metadata)
         self._default_identity = self.identify is default_identity
+        #: ``resolve_identity`` with this middleware's resolver and cookie.
+        self._identity = functools.partial(resolve_identity, self.identify, self.visitor_cookie)
         self._active = self.metadata.active if self.metadata is not None else None
         self._key_status = self.metadata.status if self.metadata is not None else None
         self._visits = VisitMemo(
@@ -400,7 +400,7 @@ class PersonalizeMiddleware:
                 if query is not None
                 else preview.resolve
                 if preview is not None
-                else functools.partial(self._resolve_identity, scope, visitor)
+                else functools.partial(self._identity, scope, visitor)
             ),
             query=query,
             tracking=self.tracking if preview is None else None,
@@ -437,7 +437,7 @@ class PersonalizeMiddleware:
                 if handle.identity is not None
                 else preview.resolve  # refers to no scope
                 if preview is not None
-                else functools.partial(self._resolve_identity, _without_state(scope), visitor)
+                else functools.partial(self._identity, _without_state(scope), visitor)
             )
         if gate.held is not None:  # not reached on an exception: a held start is dropped
             await gate.finish()
@@ -446,7 +446,7 @@ class PersonalizeMiddleware:
         """The tracking endpoint, the script, the developer tools' endpoints and (in local
         mode) the report."""
         if self.devtools is not None and await self.devtools.intercept(
-            scope, receive, send, _header(scope, b"cookie")
+            scope, receive, send, header_text(scope, b"cookie")
         ):
             return  # its own endpoints, or a previewing browser's beacon (dropped)
         report = self.report_path
@@ -462,39 +462,14 @@ class PersonalizeMiddleware:
             await self.app(scope, receive, send)
             return
         identity = (
-            await self._resolve_identity(scope, VisitorState(), issue=False)
+            await self._identity(scope, VisitorState(), issue=False)
             if scope["method"] == "POST"  # only beacons are checked against the visitor
             else None
         )
         client_ip = self.attributes.client_ip(scope) if scope["method"] == "POST" else None
         await self.tracking.handle(scope, receive, send, identity, client_ip=client_ip)
 
-    async def _resolve_identity(
-        self, scope: Scope, visitor: VisitorState, *, issue: bool = True
-    ) -> Identity:
-        conn = HTTPConnection(scope)
-        identity = await call_resolver(self.identify, conn)
-        if identity is not None:
-            return identity
-        header = visitor.cookie_header
-        if header is UNREAD:
-            header = _header(scope, b"cookie")
-        visitor_id, resign = self.visitor_cookie.read(header)
-        if visitor_id is None:
-            visitor_id = self.visitor_cookie.new_id()
-            resign = issue
-        visitor.set_cookie = resign
-        visitor.visitor_id = visitor_id
-        return Identity(visitor_id=visitor_id)
-
 
 def _without_state(scope: Scope) -> Scope:
     """A copy of ``scope`` that does not refer to the request's handle."""
     return {name: value for name, value in scope.items() if name != "state"}
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None

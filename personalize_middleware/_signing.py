@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._exceptions import ConfigurationError
@@ -192,12 +192,20 @@ class Keyring:
 
     def fast_verify(self, purpose: str, data: bytes, signature: str) -> int | None:
         """``verify`` for ``FastSigner`` signatures: the index of the key that signed."""
+
+        def mac(key: bytes) -> bytes:
+            state = self._keyed(key, purpose).copy()
+            state.update(data)
+            return bytes(state.digest())
+
+        return self._signed_by(signature, mac)
+
+    def _signed_by(self, signature: str, mac: Callable[[bytes], bytes]) -> int | None:
+        """Index of the first key whose ``mac`` is ``signature`` (its canonical text)."""
         if len(signature) != _SIG_CHARS or not signature.isascii():
             return None
         for index, key in enumerate(self._keys):
-            state = self._keyed(key, purpose).copy()
-            state.update(data)
-            if hmac.compare_digest(_b64url_signature(state.digest()), signature):
+            if hmac.compare_digest(_b64url_signature(mac(key)), signature):
                 return index
         return None
 
@@ -222,12 +230,7 @@ class Keyring:
 
         Only the canonical spelling verifies: base64 decoding would ignore the low bits of
         the last character, so signatures are compared as text, not as decoded bytes."""
-        if len(signature) != _SIG_CHARS or not signature.isascii():
-            return None
-        for index, key in enumerate(self._keys):
-            if hmac.compare_digest(b64url_encode(self._mac(key, purpose, data)), signature):
-                return index
-        return None
+        return self._signed_by(signature, lambda key: self._mac(key, purpose, data))
 
     def _mac(self, key: bytes, purpose: str, data: bytes) -> bytes:
         pads = self._prepared(key, purpose)

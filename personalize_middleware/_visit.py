@@ -30,7 +30,7 @@ from typing import Any
 
 from starlette.types import Scope
 
-from ._context import SessionAttributes
+from ._context import SessionAttributes, header_text
 from ._identity import VisitorCookie
 from ._models import FetchQuery, Identity
 from .tracking import is_bot
@@ -151,7 +151,7 @@ class VisitMemo:
         attributes = self._attributes.build(scope)
         user_agent = attributes.get("USER_AGENT")
         if user_agent is None and self._needs_user_agent:
-            user_agent = _first_header(scope, b"user-agent")
+            user_agent = header_text(scope, b"user-agent")
         fetch = not (self._crawler_defaults and user_agent and is_bot(user_agent))
         shared = MappingProxyType(attributes)
         cookie_header = raw_cookie.decode("latin-1") if raw_cookie is not None else None
@@ -166,10 +166,3 @@ class VisitMemo:
 
 def _size(key: _Key) -> int:
     return sum(len(part) for part in key[:3] if part is not None) + len(key[4] or b"")
-
-
-def _first_header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None

@@ -41,6 +41,7 @@ from tests.support.tracking_helpers import (
     hook_values,
     page_manifest,
 )
+from tests.support.tracking_helpers import page_view as tracked_page_view
 
 KEYRING = Keyring(["pages-test-secret-0123456789"])
 ALICE = Identity(customer_id="alice")
@@ -51,21 +52,7 @@ B_IDS = ["Add to Cart", "Wishlist", '"><img src=x>', "Añadir"]
 async def page_view(identity: Identity = ALICE) -> tuple[Personalization, Tracking]:
     backend = StaticBackend({"hero": {"Title": "Sale"}, "promo": {"Title": "Free shipping"}})
     tracking = Tracking(keyring=KEYRING, backend=backend)
-
-    async def identify() -> Identity:
-        return identity
-
-    handle = Personalization(
-        store=ExperienceStore(backend),
-        keys=("hero", "promo"),
-        attributes={},
-        budget=2.0,
-        identity_factory=identify,
-        tracking=tracking,
-    )
-    await handle.start()
-    await handle.wait()
-    return handle, tracking
+    return await tracked_page_view(ExperienceStore(backend), tracking, identity), tracking
 
 
 def render(handle: Personalization, tracking: Tracking) -> tuple[list[str], str | None]:

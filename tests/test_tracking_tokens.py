@@ -28,11 +28,10 @@ from personalize_middleware.tracking._tokens import (
     TrackingToken,
     _experience_part,
     _identity_digest,
-    _mac_prefix,
-    _sign,
     decode_token,
     decode_tokens,
     encode_token,
+    token_signer,
     validate_b_id,
 )
 from tests.support.tracking_helpers import (
@@ -41,10 +40,18 @@ from tests.support.tracking_helpers import (
     context_for,
     page_manifest,
 )
+from tests.support.tracking_helpers import page_view as tracked_page_view
 
 KEYRING = Keyring(["k" * 32])
 ALICE = Identity(customer_id="alice@example.com")
 BOB = Identity(customer_id="bob@example.com")
+
+
+def hmac_token(label: bytes, identity: Identity, body: str) -> str:
+    """A token signed as the HMAC formats did (``pz-track-3``, ``pz-track-2``): the
+    "track" HMAC over ``label`` NUL, the identity digest and the body."""
+    signed = label + b"\x00" + _identity_digest(identity) + body.encode()
+    return body + "." + KEYRING.sign("track", signed)
 
 
 def token(**overrides: object) -> TrackingToken:
@@ -127,7 +134,7 @@ def test_tokens_of_the_previous_format_still_verify() -> None:
     reporting until their tokens expire; still bound to their visitor and signature."""
     expires = int(time.time()) + 600
     body = f"{_experience_part('hero-banner', context_for('hero-banner'))}.r-1.{expires}.s"
-    legacy = _sign(KEYRING, b"pz-track-2\x00" + _identity_digest(ALICE), body)
+    legacy = hmac_token(b"pz-track-2", ALICE, body)
     read = decode_token(KEYRING, ALICE, legacy)
     assert (read.kind, read.key, read.render_id, read.expires) == (
         "shown",
@@ -140,9 +147,7 @@ def test_tokens_of_the_previous_format_still_verify() -> None:
     with pytest.raises(InvalidTokenError, match="expired"):
         decode_token(KEYRING, ALICE, legacy, now=expires + 1)
     with pytest.raises(InvalidTokenError, match="signature"):  # no other label is read
-        decode_token(
-            KEYRING, ALICE, _sign(KEYRING, b"pz-track-1\x00" + _identity_digest(ALICE), body)
-        )
+        decode_token(KEYRING, ALICE, hmac_token(b"pz-track-1", ALICE, body))
 
 
 def test_tokens_signed_with_hmac_still_verify() -> None:
@@ -151,15 +156,13 @@ def test_tokens_signed_with_hmac_still_verify() -> None:
     original = token(expires=time.time() + 600)
     current = encode_token(KEYRING, ALICE, original)
     body = current.rpartition(".")[0]
-    previous = _sign(KEYRING, _mac_prefix(ALICE), body)
+    previous = hmac_token(b"pz-track-3", ALICE, body)
     assert previous != current
     assert decode_token(KEYRING, ALICE, previous) == decode_token(KEYRING, ALICE, current)
     with pytest.raises(InvalidTokenError, match="signature"):
         decode_token(KEYRING, BOB, previous)
     with pytest.raises(InvalidTokenError, match="signature"):  # the HMAC under the new label
-        decode_token(
-            KEYRING, ALICE, _sign(KEYRING, b"pz-track-4\x00" + _identity_digest(ALICE), body)
-        )
+        decode_token(KEYRING, ALICE, hmac_token(b"pz-track-4", ALICE, body))
 
 
 def test_rotation_old_key_verifies_until_removed() -> None:
@@ -183,7 +186,12 @@ def test_signature_is_purpose_separated() -> None:
     assert KEYRING.fast_verify("visitor", signed, signature) is None
     assert KEYRING.verify("visitor", signed, signature) is None
     assert KEYRING.verify("visitor", body.encode(), signature) is None
-    assert KEYRING.verify("track", _mac_prefix(ALICE) + body.encode(), signature) is None
+    assert (
+        KEYRING.verify(
+            "track", b"pz-track-3\x00" + _identity_digest(ALICE) + body.encode(), signature
+        )
+        is None
+    )
 
 
 def test_page_shows_no_customer_id() -> None:
@@ -228,7 +236,7 @@ FAR_EXPIRY = 2**45  # the expiry field is in milliseconds: year 3084
 def _sign_raw(body: str) -> str:
     """A correctly signed token around an arbitrary body (as if our key had leaked into
     a bug): the reader must still refuse anything that is not the token shape."""
-    return _sign(KEYRING, _mac_prefix(ALICE), body)
+    return body + "." + token_signer(KEYRING, ALICE).sign(body.encode())
 
 
 def test_signed_body_of_the_right_shape_reads() -> None:
@@ -294,20 +302,7 @@ def test_invalid_b_ids(b_id: object) -> None:
 async def page_view(
     backend: StaticBackend, store: ExperienceStore, tracking: Tracking, identity: Identity
 ) -> Personalization:
-    async def identify() -> Identity:
-        return identity
-
-    handle = Personalization(
-        store=store,
-        keys=("hero", "promo"),
-        attributes={},
-        budget=2.0,
-        identity_factory=identify,
-        tracking=tracking,
-    )
-    await handle.start()
-    await handle.wait()
-    return handle
+    return await tracked_page_view(store, tracking, identity)
 
 
 @pytest.fixture

@@ -128,16 +128,13 @@ class PageManifest:
         index = self.parts.get(part)
         if index is None:
             index = self.parts[part] = len(self.parts)
-        self.elements.append(_DIGITS[index] + element if index < 100 else f"{index}{element}")
+        self.elements.append(f"{index}{element}")
         return len(self.elements) - 1
 
     def encode(self, signer: FastSigner, tail: str) -> str:
         """The signed manifest; ``tail`` is the page's ``.render_id.expires.``."""
         body = INDEX_MARK.join(self.parts) + tail + INDEX_MARK.join(self.elements)
         return body + "." + signer.sign(body.encode("ascii"))
-
-
-_DIGITS = tuple(str(i) for i in range(100))
 
 
 def decode_page(

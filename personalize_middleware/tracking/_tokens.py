@@ -99,11 +99,6 @@ def _identity_digest(identity: Identity) -> bytes:
     ).digest()
 
 
-def _mac_prefix(identity: Identity) -> bytes:
-    """The MAC prefix of the previous format (``pz-track-3``, HMAC; see ``_sign``)."""
-    return _HMAC_MAC_LABEL + _identity_digest(identity)
-
-
 def token_signer(keyring: Keyring, identity: Identity) -> FastSigner:
     """Signs token bodies for ``identity`` (the MAC prefix hashed in): ``.sign(body)``."""
     return keyring.fast_signer(TOKEN_PURPOSE, _MAC_LABEL + _identity_digest(identity))
@@ -142,11 +137,6 @@ def _page_tail(render_id: str, expires: float) -> str:
     if _RENDER_ID.fullmatch(render_id) is None:
         raise TemplateUsageError("render_id must be 1 to 64 characters of [A-Za-z0-9_-]")
     return f".{render_id}.{round(expires * 1000)}."
-
-
-def _sign(keyring: Keyring, mac_prefix: bytes, body: str) -> str:
-    """A token of the previous, HMAC-signed formats (``mac_prefix`` holds the label)."""
-    return body + "." + keyring.sign(TOKEN_PURPOSE, mac_prefix + body.encode("ascii"))
 
 
 def encode_token(keyring: Keyring, identity: Identity, token: TrackingToken) -> str:

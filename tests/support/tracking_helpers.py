@@ -20,8 +20,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from personalize_middleware import EventElement, Experience, ExperienceMetadata, Identity, Keyring
-from personalize_middleware.tracking import TrackingToken
+from personalize_middleware import (
+    EventElement,
+    Experience,
+    ExperienceMetadata,
+    ExperienceStore,
+    Identity,
+    Keyring,
+    Personalization,
+)
+from personalize_middleware.tracking import Tracking, TrackingToken
 from personalize_middleware.tracking._pages import decode_events
 from tests.support.spec import SpecViolation, validate_request_parts
 
@@ -259,6 +267,31 @@ def error(status: int, headers: Mapping[str, str] | None = None) -> Response:
         status_code=status,
         headers=dict(headers or {}),
     )
+
+
+async def page_view(
+    store: ExperienceStore,
+    tracking: Tracking,
+    identity: Identity,
+    keys: tuple[str, ...] = ("hero", "promo"),
+) -> Personalization:
+    """A page view's handle for ``identity`` with ``keys`` looked up, tracked by
+    ``tracking``: what the middleware hands a template."""
+
+    async def identify() -> Identity:
+        return identity
+
+    handle = Personalization(
+        store=store,
+        keys=keys,
+        attributes={},
+        budget=2.0,
+        identity_factory=identify,
+        tracking=tracking,
+    )
+    await handle.start()
+    await handle.wait()
+    return handle
 
 
 # -- reading a rendered page's hooks (tokens, or indexes into the page's manifest) ----------
